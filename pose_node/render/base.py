@@ -1,0 +1,77 @@
+"""The renderer interface shared by the differentiable backends (``soft``, ``mitsuba``).
+
+A renderer draws one mesh at B poses: object-to-camera rotations ``R`` (B, 3, 3) and translations
+``t`` (B, 3) in metres, intrinsics ``K`` (B, 3, 3) in pixels (OpenCV convention: integer pixel
+coordinates are pixel centres), into images of ``height`` x ``width`` pixels. Outputs are torch
+tensors on the mesh's device, differentiable with respect to ``R`` and ``t``.
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pose_node.mesh import ObjectModel
+
+
+@dataclass(frozen=True)
+class RenderMesh:
+    """An ObjectModel's geometry as tensors on one device.
+
+    vertices (V, 3) float32 metres; faces (F, 3) int64; colors (V, 3) float32 0..1.
+    """
+
+    name: str
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    colors: torch.Tensor
+
+    @classmethod
+    def from_model(cls, model: ObjectModel, device: torch.device,
+                   max_faces: int | None = None) -> 'RenderMesh':
+        """Tensors of ``model`` on ``device``, decimated to at most ``max_faces`` faces if given."""
+        if max_faces is not None and len(model.faces) > max_faces:
+            model = model.decimated(max_faces)
+        return cls(name=model.name,
+                   vertices=torch.as_tensor(np.asarray(model.vertices, np.float32), device=device),
+                   faces=torch.as_tensor(np.asarray(model.faces, np.int64), device=device),
+                   colors=torch.as_tensor(np.asarray(model.vertex_colors, np.float32), device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.vertices.device
+
+
+@dataclass(frozen=True)
+class Shading:
+    """How colour is computed: unlit albedo (default), or Lambert with one directional light.
+
+    ``light_direction`` (3,) is the direction the light travels, in the camera frame; the colour is
+    albedo * (ambient + diffuse * max(0, -n . light_direction)).
+    """
+
+    lambert: bool = False
+    light_direction: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    ambient: float = 0.4
+    diffuse: float = 0.6
+
+
+@dataclass
+class RenderOutput:
+    """silhouette (B, H, W) 0..1; rgb (B, H, W, 3) 0..1, 0 on background; depth (B, H, W) metres,
+    camera-frame z, 0 on background."""
+
+    silhouette: torch.Tensor
+    rgb: torch.Tensor
+    depth: torch.Tensor
+
+
+class Renderer(ABC):
+    """A differentiable renderer backend."""
+
+    name: str
+
+    @abstractmethod
+    def render(self, mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor, K: torch.Tensor,
+               width: int, height: int, shading: Shading = Shading()) -> RenderOutput:
+        """Render ``mesh`` at B poses; see the module docstring for shapes and units."""
