@@ -18,9 +18,10 @@ import cv2
 import numpy as np
 
 from pose_node import metrics
-from pose_node.camera import project_points
 from pose_node.datasets.bop import BopDataset, default_lmo_root
-from pose_node.geometry import make_pose, perturb_pose, random_rotations
+from pose_node.datasets.refine_cases import projected_box
+from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
+from pose_node.geometry import make_pose, perturb_pose
 from pose_node.mesh import ObjectModel, load_models_info, load_object_model
 from pose_node.overlay import draw_axes, draw_mask_contour
 from pose_node.render.raycast import RaycastScene
@@ -29,6 +30,7 @@ from pose_node.resources import demo_object_dir
 WIDTH, HEIGHT = 640, 480
 K_DEMO = np.array([[600.0, 0.0, 319.5], [0.0, 600.0, 239.5], [0.0, 0.0, 1.0]])
 START_ROT_DEG, START_TRANS_FRAC = 15.0, 0.10
+DISTANCE_RANGE = (0.4, 0.6)
 TRUE_COLOR, START_COLOR = (40, 220, 40), (230, 60, 40)
 
 
@@ -51,24 +53,6 @@ def load_demo_object() -> ObjectModel:
                              models_info=info)
 
 
-def synthetic_background(rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) float32: a colour gradient with random blobs, so the frame is not trivially clean."""
-    v, u = np.mgrid[0:HEIGHT, 0:WIDTH] / max(WIDTH, HEIGHT)
-    base = np.stack([0.35 + 0.2 * u, 0.35 + 0.15 * v, 0.45 - 0.1 * u], axis=2)
-    blobs = np.zeros((HEIGHT, WIDTH, 3), np.float32)
-    for _ in range(25):
-        center = (int(rng.integers(WIDTH)), int(rng.integers(HEIGHT)))
-        cv2.circle(blobs, center, int(rng.integers(10, 60)), rng.uniform(-0.2, 0.2, 3).tolist(), -1)
-    return np.clip(base + cv2.GaussianBlur(blobs, (0, 0), 6), 0, 1).astype(np.float32)
-
-
-def random_demo_pose(rng: np.random.Generator) -> np.ndarray:
-    """(4, 4) object-to-camera pose: a random rotation, 0.4-0.6 m ahead, near the image centre."""
-    distance = rng.uniform(0.4, 0.6)
-    t = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), distance])
-    return make_pose(random_rotations(1, rng)[0], t)
-
-
 @dataclass
 class SyntheticFrame:
     rgb: np.ndarray      # (H, W, 3) uint8
@@ -77,10 +61,10 @@ class SyntheticFrame:
 
 
 def render_synthetic_frame(scene: RaycastScene, rng: np.random.Generator) -> SyntheticFrame:
-    pose = random_demo_pose(rng)
+    pose = random_pose_in_view(rng, DISTANCE_RANGE)
     image = scene.render(pose[None], K_DEMO, WIDTH, HEIGHT, supersample=2)
     coverage = image.coverage[0][..., None]
-    rgb = image.rgb + (1.0 - coverage) * synthetic_background(rng)
+    rgb = image.rgb + (1.0 - coverage) * procedural_background(WIDTH, HEIGHT, rng)
     return SyntheticFrame(rgb=(rgb * 255).round().astype(np.uint8), mask=coverage[..., 0] >= 0.5,
                           pose=pose)
 
@@ -212,7 +196,7 @@ def run_lmo(root: Path, out_dir: Path) -> dict:
     overlay = rgb.copy()
     box_errors = []
     for index, (inst, model) in enumerate(zip(frame.instances, models)):
-        box_errors.append(np.abs(projected_box(model, inst.R, inst.t, frame.K)
+        box_errors.append(np.abs(projected_box(model, poses[index], frame.K)
                                  - np.asarray(inst.bbox_obj)).max())
         visible = rendered.labels == index + 1
         unoccluded = RaycastScene([model]).render(poses[index][None], frame.K, width, height)
@@ -227,13 +211,6 @@ def run_lmo(root: Path, out_dir: Path) -> dict:
     print(f'wrote {path} (ground-truth visible contours and axes on a real LM-O frame; the '
           'visible fractions differ where objects BOP does not annotate occlude)')
     return {'lmo_image_id': image_id, 'lmo_box_err_px_max': float(max(box_errors))}
-
-
-def projected_box(model: ObjectModel, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """(x, y, w, h) box of the projected model vertices, as BOP computes ``bbox_obj``."""
-    uv = project_points(K, model.vertices @ R.T + t)
-    low, high = uv.min(axis=0), uv.max(axis=0)
-    return np.concatenate([low, high - low])
 
 
 def run(args: argparse.Namespace) -> int:
