@@ -15,8 +15,10 @@ Conventions, the same everywhere in this module (OpenCV's):
   crop's intrinsics are ``[A; 0 0 1] @ K`` and its pixels are ``cv2.warpAffine`` with the same
   ``A``, so the geometry and the image content cannot disagree.
 
-Functions taking ``K`` and points accept numpy arrays or torch tensors; when any argument is a
-torch tensor, the computation runs in torch on that tensor's device and dtype (differentiable).
+Functions taking ``K`` and points accept numpy arrays or torch tensors
+(:func:`pose_node.arrays.numpy_or_torch`): numpy in gives float64 numpy out; when any argument is
+a torch tensor, the computation runs in torch on the first tensor's device and dtype
+(differentiable), numpy arguments converted to it.
 """
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-Array = np.ndarray | torch.Tensor
+from pose_node.arrays import Array, numpy_or_torch
 
 DISTORTION_MODELS = ('', 'plumb_bob', 'rational_polynomial', 'equidistant')
 # plumb_bob and rational_polynomial both go to OpenCV's standard model, which reads the
@@ -228,18 +230,14 @@ def crop_transform(box_xywh, out_size: tuple[int, int]) -> np.ndarray:
     return A
 
 
+@numpy_or_torch
 def transform_intrinsics(K: Array, A: Array) -> Array:
     """Intrinsics ``[A; 0 0 1] @ K`` (..., 3, 3) of an image warped by the affine ``A`` (..., 2, 3).
 
     Batch dimensions broadcast.
     """
-    K, A = _common_backend(K, A)
-    if isinstance(A, torch.Tensor):
-        last_row = torch.tensor([0.0, 0.0, 1.0], dtype=A.dtype, device=A.device)
-        A3 = torch.cat([A, last_row.expand(A.shape[:-2] + (1, 3))], dim=-2)
-    else:
-        last_row = np.broadcast_to([0.0, 0.0, 1.0], A.shape[:-2] + (1, 3))
-        A3 = np.concatenate([A, last_row], axis=-2)
+    last_row = torch.tensor([0.0, 0.0, 1.0], dtype=A.dtype, device=A.device)
+    A3 = torch.cat([A, last_row.expand(A.shape[:-2] + (1, 3))], dim=-2)
     return A3 @ K
 
 
@@ -298,6 +296,7 @@ def _blurred_window(image: np.ndarray, A: np.ndarray, box_xywh, sigma: np.ndarra
 # Projection
 # -------------------------------------------------------------------------------------------------
 
+@numpy_or_torch
 def project_points(K: Array, points_cam: Array, min_depth: float = 1e-6) -> Array:
     """Pixel coordinates (..., N, 2) of camera-frame points ``points_cam`` (..., N, 3), metres.
 
@@ -305,50 +304,24 @@ def project_points(K: Array, points_cam: Array, min_depth: float = 1e-6) -> Arra
     (behind or on the camera plane) project to NaN; in torch their gradient is exactly zero, never
     NaN, so a loss that masks them out (``torch.isfinite``) stays finite.
     """
-    K, points = _common_backend(K, points_cam)
-    homogeneous = points @ _transpose(K)
-    in_front = points[..., 2:3] > min_depth
-    safe_depth = _where(in_front, homogeneous[..., 2:3], 1.0)
-    return _where(in_front, homogeneous[..., :2] / safe_depth, float('nan'))
+    homogeneous = points_cam @ K.transpose(-1, -2)
+    in_front = points_cam[..., 2:3] > min_depth
+    # Dividing by a stand-in depth where the point is dropped keeps its gradient finite (zero).
+    safe_depth = torch.where(in_front, homogeneous[..., 2:3], 1.0)
+    return torch.where(in_front, homogeneous[..., :2] / safe_depth, float('nan'))
 
 
+@numpy_or_torch
 def unproject_points(K: Array, uv: Array, depth: Array) -> Array:
     """Camera-frame points (..., N, 3) at pixels ``uv`` (..., N, 2) with z = ``depth`` (..., N).
 
     ``depth`` is the optical-axis coordinate z (as in depth images), not the distance along the
     ray.
     """
-    K, uv, depth = _common_backend(K, uv, depth)
-    if isinstance(uv, torch.Tensor):
-        pixels = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)
-        K_inv = torch.linalg.inv(K)
-    else:
-        pixels = np.concatenate([uv, np.ones_like(uv[..., :1])], axis=-1)
-        K_inv = np.linalg.inv(K)
-    rays = pixels @ _transpose(K_inv)
+    pixels = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)
+    rays = pixels @ torch.linalg.inv(K).transpose(-1, -2)
     # Dividing by the ray's z makes z equal ``depth`` exactly despite rounding in the inverse.
     return rays / rays[..., 2:3] * depth[..., None]
-
-
-def _common_backend(*arrays) -> tuple[Array, ...]:
-    """All as torch tensors (dtype and device of the last tensor among them) or all float64."""
-    tensors = [a for a in arrays if isinstance(a, torch.Tensor)]
-    if tensors:
-        like = tensors[-1]
-        return tuple(torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in arrays)
-    return tuple(np.asarray(a, dtype=np.float64) for a in arrays)
-
-
-def _transpose(matrix: Array) -> Array:
-    if isinstance(matrix, torch.Tensor):
-        return matrix.transpose(-1, -2)
-    return np.swapaxes(matrix, -1, -2)
-
-
-def _where(condition: Array, value: Array, fill: float) -> Array:
-    if isinstance(value, torch.Tensor):
-        return torch.where(condition, value, torch.full_like(value, fill))
-    return np.where(condition, value, fill)
 
 
 # -------------------------------------------------------------------------------------------------

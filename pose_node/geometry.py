@@ -7,63 +7,25 @@ Conventions (used throughout the package):
 - 6D rotation representation (Zhou et al. 2019): the first two COLUMNS of ``R``,
   concatenated as ``(a1, a2)``.
 
-Every public function accepts ``np.ndarray`` or ``torch.Tensor`` and returns the same type.
-The mechanism is one: the maths is written once in torch, and ``_numpy_in_numpy_out`` converts
-numpy arguments to tensors (zero-copy) and the results back. Torch results stay on the input's
-device and dtype and are differentiable. Non-float numpy input is computed in float64.
+Every public function accepts ``np.ndarray`` or ``torch.Tensor``: the maths is written once in
+torch and :func:`pose_node.arrays.numpy_or_torch` serves numpy callers. Numpy in gives float64
+numpy out; any tensor argument makes the call run in torch on the first tensor's device and dtype
+(numpy arguments are converted to it), differentiable.
 
 Random sampling takes an explicit ``np.random.Generator`` (numpy only, so benchmarks are
 reproducible with one seed); the draws are moved to the device/dtype of any tensor argument.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import TypeVar
-
 import numpy as np
 import torch
 
-Array = TypeVar('Array', np.ndarray, torch.Tensor)
+from pose_node.arrays import Array, numpy_or_torch
 
 # Below this squared angle (rad^2) the sin/cos ratios are replaced by their Taylor series:
 # the truncation error (theta^6 / 5040) is far below float64 rounding there, and the
 # series keeps gradients finite at exactly zero.
 _SMALL_ANGLE_SQ = 1e-6
-
-
-def _to_tensor(value):
-    if not isinstance(value, np.ndarray):
-        return value
-    if not np.issubdtype(value.dtype, np.floating):
-        value = value.astype(np.float64)
-    return torch.from_numpy(np.ascontiguousarray(value))
-
-
-def _to_numpy(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, tuple):
-        return type(value)(_to_numpy(v) for v in value)
-    return value
-
-
-def _numpy_in_numpy_out(fn: Callable) -> Callable:
-    """Run the torch implementation ``fn`` on numpy arguments and return numpy results."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        values = (*args, *kwargs.values())
-        has_numpy = any(isinstance(v, np.ndarray) for v in values)
-        if not has_numpy:
-            return fn(*args, **kwargs)
-        if any(isinstance(v, torch.Tensor) for v in values):
-            raise TypeError(f'{fn.__name__}: pass either numpy arrays or torch tensors, not both')
-        result = fn(*(_to_tensor(a) for a in args),
-                    **{k: _to_tensor(v) for k, v in kwargs.items()})
-        return _to_numpy(result)
-
-    return wrapper
 
 
 def _like(value, reference: torch.Tensor) -> torch.Tensor:
@@ -79,7 +41,7 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
 # Skew-symmetric matrices
 # --------------------------------------------------------------------------------------------
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def skew(v: Array) -> Array:
     """Cross-product matrix: ``skew(v) @ u == cross(v, u)``. ``(..., 3) -> (..., 3, 3)``."""
     x, y, z = v.unbind(-1)
@@ -95,7 +57,7 @@ def skew(v: Array) -> Array:
 # 6D representation
 # --------------------------------------------------------------------------------------------
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def rot6d_to_matrix(x: Array) -> Array:
     """Gram-Schmidt of the 6D representation (Zhou et al. 2019; Simpsi et al. 2022 eq. 2).
 
@@ -110,7 +72,7 @@ def rot6d_to_matrix(x: Array) -> Array:
     return torch.stack([b1, b2, b3], dim=-1)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def matrix_to_rot6d(R: Array) -> Array:
     """First two columns of ``R`` ``(..., 3, 3)`` concatenated: ``(..., 6)``."""
     return torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1)
@@ -120,7 +82,7 @@ def matrix_to_rot6d(R: Array) -> Array:
 # Quaternions (x, y, z, w)
 # --------------------------------------------------------------------------------------------
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def quaternion_to_matrix(q: Array) -> Array:
     """Rotation matrix ``(..., 3, 3)`` of quaternion ``q`` ``(..., 4)`` in (x, y, z, w) order.
 
@@ -134,7 +96,7 @@ def quaternion_to_matrix(q: Array) -> Array:
     ], dim=-2)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def matrix_to_quaternion(R: Array) -> Array:
     """Unit quaternion ``(..., 4)``, (x, y, z, w) order, ``w >= 0``, of ``R`` ``(..., 3, 3)``.
 
@@ -171,7 +133,7 @@ def matrix_to_quaternion(R: Array) -> Array:
 # Axis-angle (rotation vector)
 # --------------------------------------------------------------------------------------------
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def axis_angle_to_matrix(v: Array) -> Array:
     """Rodrigues' formula: rotation vector ``v`` ``(..., 3)`` (radians) -> ``(..., 3, 3)``.
 
@@ -193,7 +155,7 @@ def axis_angle_to_matrix(v: Array) -> Array:
     return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def matrix_to_axis_angle(R: Array) -> Array:
     """Rotation vector ``(..., 3)`` (radians, angle in ``[0, pi]``) of ``R`` ``(..., 3, 3)``.
 
@@ -228,7 +190,7 @@ def _elementary_rotation(angle: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def euler_zxy_to_matrix(angles: Array) -> Array:
     """``angles`` ``(..., 3)`` = (z, x, y) radians -> ``Rz(z) @ Rx(x) @ Ry(y)`` ``(..., 3, 3)``.
 
@@ -239,7 +201,7 @@ def euler_zxy_to_matrix(angles: Array) -> Array:
     return _elementary_rotation(z, 2) @ _elementary_rotation(x, 0) @ _elementary_rotation(y, 1)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def matrix_to_euler_zxy(R: Array) -> Array:
     """Inverse of ``euler_zxy_to_matrix``: ``(..., 3, 3)`` -> (z, x, y) ``(..., 3)`` radians.
 
@@ -262,7 +224,7 @@ def matrix_to_euler_zxy(R: Array) -> Array:
 # Poses
 # --------------------------------------------------------------------------------------------
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def make_pose(R: Array, t: Array) -> Array:
     """Homogeneous pose ``(..., 4, 4)`` of ``R`` ``(..., 3, 3)`` and ``t`` ``(..., 3)`` metres."""
     batch = torch.broadcast_shapes(R.shape[:-2], t.shape[:-1])
@@ -273,13 +235,13 @@ def make_pose(R: Array, t: Array) -> Array:
     return T
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def compose_poses(T_ab: Array, T_bc: Array) -> Array:
     """``T_ac = T_ab @ T_bc`` for poses ``(..., 4, 4)`` (maps frame c into frame a)."""
     return T_ab @ T_bc
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def invert_pose(T: Array) -> Array:
     """Inverse of a rigid pose ``(..., 4, 4)``: ``[R^T, -R^T t]`` (exact, no matrix inverse)."""
     R_inv = T[..., :3, :3].transpose(-1, -2)
@@ -287,13 +249,13 @@ def invert_pose(T: Array) -> Array:
     return make_pose(R_inv, t_inv)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def transform_points(T: Array, points: Array) -> Array:
     """Apply poses ``T`` ``(..., 4, 4)`` to ``points`` ``(..., N, 3)``: ``(..., N, 3)``."""
     return points @ T[..., :3, :3].transpose(-1, -2) + T[..., None, :3, 3]
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def rotation_angle_between(R_a: Array, R_b: Array) -> Array:
     """Geodesic angle ``(...)`` in ``[0, pi]`` radians between rotations ``(..., 3, 3)``.
 
@@ -335,7 +297,7 @@ def _random_unit_vectors_like(batch: torch.Size, reference: torch.Tensor,
     return _like(random_unit_vectors(count, rng), reference).reshape(*batch, 3)
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def rotate_about_random_axis(R: Array, angle_rad: float | Array,
                              rng: np.random.Generator) -> Array:
     """Rotate each ``R`` ``(..., 3, 3)`` by exactly ``angle_rad`` (scalar or ``(...)``) about a
@@ -349,7 +311,7 @@ def rotate_about_random_axis(R: Array, angle_rad: float | Array,
     return axis_angle_to_matrix(axes * _like(angle_rad, R)[..., None]) @ R
 
 
-@_numpy_in_numpy_out
+@numpy_or_torch
 def perturb_pose(R: Array, t: Array, angle_rad: float | Array, trans_frac: float | Array,
                  rng: np.random.Generator) -> tuple[Array, Array]:
     """Perturb poses for benchmarks: ``R`` ``(..., 3, 3)``, ``t`` ``(..., 3)`` metres.

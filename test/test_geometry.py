@@ -53,10 +53,19 @@ def test_numpy_in_numpy_out_and_torch_keeps_dtype(rotations):
     np.testing.assert_allclose(out_t.numpy(), out_np, atol=1e-5)
 
 
-def test_mixing_numpy_and_torch_is_rejected(rotations):
-    with pytest.raises(TypeError):
-        g.compose_poses(g.make_pose(rotations, np.zeros(3)),
-                        torch.eye(4, dtype=torch.float64))
+def test_mixing_numpy_and_torch_runs_in_torch_on_the_tensors_dtype(rotations):
+    T_np = g.make_pose(rotations, np.array([0.1, -0.2, 0.3]))
+    shift = np.eye(4)
+    shift[:3, 3] = [1.0, 2.0, 3.0]
+    T_shift = torch.tensor(shift, dtype=torch.float32, requires_grad=True)
+    T = g.compose_poses(T_np, T_shift)
+    assert isinstance(T, torch.Tensor) and T.dtype == torch.float32
+    assert T.device == T_shift.device
+    np.testing.assert_allclose(T.detach().numpy(), T_np @ shift, atol=1e-6)
+    T.sum().backward()
+    # d sum(A @ B) / dB[k, l] = sum of A[..., :, k] over the batch and the rows.
+    expected_grad = np.broadcast_to(T_np.sum(axis=(0, 1, 2))[:, None], (4, 4))
+    np.testing.assert_allclose(T_shift.grad.numpy(), expected_grad, rtol=1e-6)
 
 
 def test_integer_numpy_input_is_computed_in_float():
