@@ -1,4 +1,5 @@
-"""Where pose_node's own data files are: the source tree (editable install) or the ROS share dir."""
+"""Where pose_node's own data files are: the source tree (editable install), the ament index
+(colcon install), or the pip installation's share directory."""
 import sys
 from pathlib import Path
 
@@ -9,11 +10,21 @@ def share_dir() -> Path:
     """The directory holding ``models/``, ``config/`` and ``launch/`` of this installation."""
     if (_SOURCE_ROOT / 'package.xml').is_file():
         return _SOURCE_ROOT
-    installed = Path(sys.prefix) / 'share' / 'pose_node'
-    if installed.is_dir():
-        return installed
+    candidates = [Path(sys.prefix) / 'share' / 'pose_node']
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            candidates.insert(0, Path(get_package_share_directory('pose_node')))
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if (candidate / 'package.xml').is_file():
+            return candidate
     raise FileNotFoundError(
-        f'pose_node data files not found in {_SOURCE_ROOT} nor in {installed}; reinstall the package')
+        f'pose_node data files not found in {_SOURCE_ROOT} nor in '
+        f'{", ".join(map(str, candidates))}; reinstall the package')
 
 
 def demo_object_dir() -> Path:
