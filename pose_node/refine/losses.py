@@ -1,0 +1,160 @@
+"""What the refiner compares: the observed crop, and the losses between it and a render.
+
+Shapes: B hypotheses, crops of H x W pixels; images (H, W, 3) float 0..1; masks and weights
+(H, W) float 0..1. A ``weight`` of 0 leaves a pixel out of every term (occlusion-aware loss: other
+known objects' visible masks, pixels outside the real image); 1 counts it fully.
+
+The loss is the paper's (Simpsi et al. 2022, eq. 3), per hypothesis:
+``L = (1 - soft IoU(silhouette, mask)) + colour_weight * mean |gain * rgb - observed|`` over the
+observed mask and the rendered silhouette, both restricted to weight > 0; ``gain`` (3,) is a
+per-crop least-squares colour gain (or 1), fitted without gradient before comparing.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pose_node.camera import crop_transform, transform_intrinsics
+
+_EPSILON = 1e-6
+GAIN_RANGE = (0.2, 5.0)
+"""Bounds of the fitted colour gain: a render and a crop differing by more are not explained by
+lighting, and an unbounded gain lets a nearly black overlap fit anything."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """An observed crop as tensors on one device.
+
+    image (H, W, 3) 0..1; mask (H, W) 0..1, the object's VISIBLE part; weight (H, W) 0..1, 0 where
+    a pixel is ignored; K (3, 3) the crop's intrinsics (pixels, pixel centres at integers).
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    weight: torch.Tensor
+    K: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.mask.shape[0])
+
+
+def make_observation(image, mask, K, ignore=None, *, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> Observation:
+    """An :class:`Observation` from array-likes: image (H, W, 3) 0..1, mask (H, W) (bool or 0..1),
+    K (3, 3), ignore (H, W) (bool or 0..1, 1 = leave out) or None."""
+    like = dict(device=device, dtype=dtype)
+    image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    image, mask = image.to(**like), mask.to(**like)
+    if image.shape[:2] != mask.shape or image.shape[2:] != (3,):
+        raise ValueError(f'expected image (H, W, 3) and mask (H, W), got {tuple(image.shape)} '
+                         f'and {tuple(mask.shape)}')
+    if ignore is None:
+        weight = torch.ones_like(mask)
+    else:
+        ignore = torch.as_tensor(np.asarray(ignore) if not isinstance(ignore, torch.Tensor)
+                                 else ignore).to(**like)
+        if ignore.shape != mask.shape:
+            raise ValueError(f'ignore {tuple(ignore.shape)} and mask {tuple(mask.shape)} differ')
+        weight = 1.0 - ignore
+    return Observation(image=image, mask=mask, weight=weight,
+                       K=torch.as_tensor(np.asarray(K) if not isinstance(K, torch.Tensor) else K)
+                       .to(**like))
+
+
+def resized_observation(observation: Observation, size: int) -> Observation:
+    """``observation`` resampled so that its longer side is ``size`` pixels (antialiased bilinear),
+    with the intrinsics of the resampled crop."""
+    height, width = observation.height, observation.width
+    scale = size / max(height, width)
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (out_w, out_h) == (width, height):
+        return observation
+    planes = torch.cat([observation.image.permute(2, 0, 1), observation.mask[None],
+                        observation.weight[None]])[None]
+    planes = F.interpolate(planes, size=(out_h, out_w), mode='bilinear', align_corners=False,
+                           antialias=True)[0].clamp(0.0, 1.0)
+    return Observation(image=planes[:3].permute(1, 2, 0).contiguous(), mask=planes[3],
+                       weight=planes[4],
+                       K=resampled_intrinsics(observation.K, (width, height), (out_w, out_h)))
+
+
+def resampled_intrinsics(K: torch.Tensor, size: tuple[int, int],
+                         new_size: tuple[int, int]) -> torch.Tensor:
+    """Intrinsics (3, 3) of an image of ``size`` = (W, H) px with intrinsics K (3, 3) resampled to
+    ``new_size``: its outer pixel edges (-0.5 and W - 0.5) stay the outer edges."""
+    A = crop_transform(np.array([-0.5, -0.5, *size], dtype=np.float64), new_size)
+    return transform_intrinsics(K, torch.as_tensor(A, dtype=K.dtype, device=K.device))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """colour_weight: lambda of eq. 3 (0 = silhouette only, for untextured models).
+    colour_gain: fit a per-crop, per-channel gain to the render before comparing colours."""
+
+    colour_weight: float = 0.0
+    colour_gain: bool = True
+
+
+def soft_iou(silhouette: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B,) weighted soft IoU of silhouettes (B, H, W) with mask (H, W), weights (H, W); 0..1."""
+    intersection = (weight * silhouette * mask).sum(dim=(1, 2))
+    union = (weight * (silhouette + mask - silhouette * mask)).sum(dim=(1, 2))
+    return intersection / union.clamp(min=_EPSILON)
+
+
+@torch.no_grad()
+def colour_gain(rgb: torch.Tensor, silhouette: torch.Tensor, image: torch.Tensor,
+                overlap: torch.Tensor) -> torch.Tensor:
+    """(B, 3) least-squares gains g minimising sum overlap * (g * rgb - silhouette * image)^2.
+
+    rgb (B, H, W, 3) premultiplied by silhouette (B, H, W); image (H, W, 3); overlap (B, H, W)
+    pixel weights. Clamped to GAIN_RANGE; 1 where nothing overlaps.
+    """
+    target = silhouette[..., None] * image
+    numerator = (overlap[..., None] * rgb * target).sum(dim=(1, 2))
+    denominator = (overlap[..., None] * rgb * rgb).sum(dim=(1, 2))
+    gain = torch.where(denominator > _EPSILON, numerator / denominator.clamp(min=_EPSILON),
+                       torch.ones_like(numerator))
+    return gain.clamp(*GAIN_RANGE)
+
+
+def colour_residual(rgb: torch.Tensor, silhouette: torch.Tensor, observation: Observation,
+                    fit_gain: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel colour difference (B, H, W, 3) ``gain * rgb - silhouette * image`` (both
+    premultiplied by the rendered coverage, so it vanishes off the silhouette) and the pixel
+    weights (B, H, W) of the colour mean: weight * mask (the observed mask, occlusion-aware)."""
+    overlap = (observation.weight * observation.mask).expand_as(silhouette)
+    if fit_gain:
+        gain = colour_gain(rgb.detach(), silhouette.detach(), observation.image,
+                           overlap * silhouette.detach())
+        rgb = rgb * gain[:, None, None, :]
+    return rgb - silhouette[..., None] * observation.image, overlap
+
+
+def colour_error(rgb: torch.Tensor, silhouette: torch.Tensor, observation: Observation,
+                 fit_gain: bool) -> torch.Tensor:
+    """(B,) mean absolute colour error (0..1) over the observed mask and the rendered silhouette
+    (rgb (B, H, W, 3) premultiplied, silhouette (B, H, W)); 0 where they do not overlap."""
+    difference, overlap = colour_residual(rgb, silhouette, observation, fit_gain)
+    total = (overlap[..., None] * difference.abs()).sum(dim=(1, 2, 3))
+    # The normaliser carries no gradient: the mean must not improve by shrinking the overlap.
+    count = 3.0 * (overlap * silhouette).detach().sum(dim=(1, 2))
+    return total / count.clamp(min=_EPSILON)
+
+
+def refine_loss(silhouette: torch.Tensor, rgb: torch.Tensor, observation: Observation,
+                config: LossConfig) -> torch.Tensor:
+    """(B,) eq.-3 loss of renders (silhouette (B, H, W), rgb (B, H, W, 3)) against the crop."""
+    loss = 1.0 - soft_iou(silhouette, observation.mask, observation.weight)
+    if config.colour_weight > 0:
+        loss = loss + config.colour_weight * colour_error(rgb, silhouette, observation,
+                                                          config.colour_gain)
+    return loss

@@ -1,0 +1,375 @@
+"""Tests of the render-and-compare refiner (pose_node.refine).
+
+Targets are ray cast by the independent reference renderer (trimesh + Embree, 4 x 4 samples per
+pixel), never by the backend under test; pose errors are measured with scipy. Crops are small
+(96 px) and the demo mesh is decimated so that the file stays fast.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from pose_node.geometry import make_pose
+from pose_node.refine import (ROTATIONS, AdamConfig, LevenbergMarquardtConfig, Level, LossConfig,
+                              colour_error, guarded, make_observation, make_optimizer,
+                              recentred_translations, refine, resized_observation, soft_iou)
+from pose_node.refine.losses import colour_gain
+from pose_node.refine.optimizers import Problem, linearize
+from pose_node.refine.parametrization import (TranslationScale, apply_increment,
+                                              params_to_rotation, params_to_translation,
+                                              rotation_to_params, translation_to_params)
+from pose_node.render import BACKENDS, RenderMesh, Shading, make_renderer
+from pose_node.render.raycast import RaycastScene
+from pose_node.tools.demo import load_demo_object
+
+CROP = 96
+FACES = 1000
+CPU = torch.device('cpu')
+FAST_DEFAULT = LevenbergMarquardtConfig(levels=(Level(48, 2.0), Level(96, 0.7, 2)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def single_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with other processes, two OpenMP threads
+    were measured up to 40x slower on these small tensors (spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def model():
+    return load_demo_object().decimated(FACES)
+
+
+@pytest.fixture(scope='module')
+def scene(model):
+    return RaycastScene([model])
+
+
+@pytest.fixture(scope='module')
+def mesh(model):
+    return RenderMesh.from_model(model, CPU)
+
+
+@pytest.fixture(scope='module')
+def soft():
+    return make_renderer('soft', CPU)
+
+
+@pytest.fixture(scope='module', params=BACKENDS)
+def renderer(request):
+    try:
+        return make_renderer(request.param, CPU)
+    except (ImportError, RuntimeError) as error:
+        pytest.skip(f'{request.param} backend unavailable here: {error}')
+
+
+# ------------------------------------------------------------------------------ synthetic cases
+
+@dataclass
+class Case:
+    """A crop ray cast at the true pose: R (3, 3), t (3,) metres, K (3, 3), image (S, S, 3),
+    coverage (S, S) the object's pixel coverage 0..1."""
+
+    R: np.ndarray
+    t: np.ndarray
+    K: np.ndarray
+    image: np.ndarray
+    coverage: np.ndarray
+
+
+def synthetic_case(model, scene, seed: int, size: int = CROP) -> Case:
+    """The demo object at a random pose 0.4-0.6 m away, filling about 70 % of a square crop."""
+    rng = np.random.default_rng(seed)
+    R = Rotation.random(random_state=seed).as_matrix()
+    z = rng.uniform(0.4, 0.6)
+    t = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), z])
+    f = 0.7 * size * z / model.diameter
+    centre = np.full(2, size / 2 - 0.5) - f * t[:2] / z + rng.uniform(-3, 3, 2)
+    K = np.array([[f, 0.0, centre[0]], [0.0, f, centre[1]], [0.0, 0.0, 1.0]])
+    rendered = scene.render(make_pose(R, t)[None], K, size, size, supersample=4)
+    coverage = rendered.coverage[0]
+    background = np.array([0.45, 0.5, 0.4]) + 0.1 * rng.standard_normal((size, size, 3))
+    image = rendered.rgb + (1.0 - coverage[..., None]) * np.clip(background, 0.0, 1.0)
+    return Case(R=R, t=t, K=K, image=image.astype(np.float32), coverage=coverage)
+
+
+def perturbed(case: Case, degrees: float, fraction: float, seed: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The truth rotated by ``degrees`` about a random axis (camera frame) and moved by
+    ``fraction`` of its distance in a random direction: (R (1, 3, 3), t (1, 3))."""
+    rng = np.random.default_rng(seed)
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    R = Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix() @ case.R
+    t = case.t + fraction * np.linalg.norm(case.t) * direction
+    return R[None], t[None]
+
+
+def pose_errors(pose: torch.Tensor, case: Case) -> tuple[float, float]:
+    """Rotation error (degrees, scipy) and translation error (fraction of the distance)."""
+    pose = pose.detach().double().numpy()
+    rotation = Rotation.from_matrix(pose[:3, :3].T @ case.R).magnitude()
+    return float(np.rad2deg(rotation)), float(np.linalg.norm(pose[:3, 3] - case.t)
+                                              / np.linalg.norm(case.t))
+
+
+def observe(case: Case, ignore=None, mask=None):
+    return make_observation(case.image, case.coverage if mask is None else mask, case.K, ignore,
+                            device=CPU)
+
+
+# ------------------------------------------------------------------------- parametrizations
+
+@pytest.mark.parametrize('kind', ROTATIONS)
+def test_rotation_parametrizations_match_scipy(kind):
+    rotations = Rotation.random(5, random_state=3)
+    R = torch.as_tensor(rotations.as_matrix())
+    params = rotation_to_params(R, kind)
+    if kind == '6d':
+        expected = np.concatenate([rotations.as_matrix()[:, :, 0], rotations.as_matrix()[:, :, 1]],
+                                  axis=1)
+    elif kind == 'quaternion':
+        expected = rotations.as_quat()  # (x, y, z, w), as ROS
+        expected *= np.sign(expected[:, 3:]) * np.sign(params[:, 3:].numpy())
+    else:
+        expected = rotations.as_euler('ZXY')  # intrinsic z, then x, then y
+    np.testing.assert_allclose(params.numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(params_to_rotation(params, kind).numpy(), rotations.as_matrix(),
+                               atol=1e-9)
+
+
+def test_scaled_translation_by_hand():
+    t = torch.tensor([[0.02, -0.01, 0.5]], dtype=torch.float64)
+    scale = TranslationScale(radius=0.05, depth=torch.tensor([0.4], dtype=torch.float64))
+    params = translation_to_params(t, 'scaled', scale)
+    # lateral: t_xy / z * depth / radius = t_xy / 0.5 * 8; depth: log(0.5 / 0.4)
+    np.testing.assert_allclose(params.numpy(), [[0.32, -0.16, np.log(1.25)]], atol=1e-12)
+    np.testing.assert_allclose(params_to_translation(params, 'scaled', scale).numpy(), t.numpy(),
+                               atol=1e-12)
+    np.testing.assert_array_equal(translation_to_params(t, 'metric', scale).numpy(), t.numpy())
+
+
+def test_increment_matches_scipy_rotation_vector():
+    rng = np.random.default_rng(4)
+    R = Rotation.random(2, random_state=4).as_matrix()
+    t = np.array([[0.01, 0.02, 0.5], [-0.03, 0.0, 0.7]])
+    delta = rng.uniform(-0.2, 0.2, (2, 6))
+    R_new, t_new = apply_increment(torch.as_tensor(R), torch.as_tensor(t), torch.as_tensor(delta),
+                                   radius=0.06)
+    np.testing.assert_allclose(R_new.numpy(), Rotation.from_rotvec(delta[:, :3]).as_matrix() @ R,
+                               atol=1e-12)
+    lateral = np.concatenate([0.06 * delta[:, 3:5], np.zeros((2, 1))], axis=1)
+    np.testing.assert_allclose(t_new.numpy(), np.exp(delta[:, 5:]) * (t + lateral), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ losses
+
+def test_soft_iou_and_colour_error_by_hand():
+    silhouette = torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    weight = torch.tensor([[1.0, 1.0], [1.0, 0.0]])   # the bottom-right pixel is ignored
+    # intersection 1 + 0.5; union 1 + (0.5 + 1 - 0.5) + 0
+    assert soft_iou(silhouette, mask, weight).item() == pytest.approx(0.75)
+    image = torch.tensor([[[0.2, 0.4, 0.6], [0.5, 0.5, 0.5]], [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
+    rgb = silhouette[..., None] * torch.tensor([[[[0.3, 0.4, 0.5], [0.5, 0.7, 0.5]],
+                                                 [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]])
+    observation = make_observation(image, mask, torch.eye(3), 1.0 - weight, device=CPU)
+    # |rgb - s * image| over weight * mask: pixel (0,0): 0.1+0+0.1; pixel (0,1): 0+0.1+0;
+    # divided by 3 * (1 + 0.5) counted pixel-channels.
+    error = colour_error(rgb, silhouette, observation, fit_gain=False)
+    assert error.item() == pytest.approx(0.3 / 4.5)
+
+
+def test_colour_gain_is_least_squares():
+    rng = np.random.default_rng(5)
+    rgb = rng.uniform(0.1, 0.9, (1, 6, 5, 3))
+    silhouette = np.ones((1, 6, 5))
+    image = rng.uniform(0.1, 0.9, (6, 5, 3))
+    overlap = (rng.uniform(size=(1, 6, 5)) > 0.3).astype(float)
+    gain = colour_gain(*(torch.as_tensor(a) for a in (rgb, silhouette, image, overlap)))
+    for channel in range(3):
+        rows = overlap[0].ravel() > 0
+        a = rgb[0, ..., channel].ravel()[rows, None]
+        expected = np.linalg.lstsq(a, image[..., channel].ravel()[rows], rcond=None)[0][0]
+        assert gain[0, channel].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_resized_observation_keeps_pixel_centres():
+    K = np.array([[100.0, 0.0, 40.0], [0.0, 110.0, 30.0], [0.0, 0.0, 1.0]])
+    image = np.zeros((64, 80, 3))
+    observation = resized_observation(make_observation(image, image[..., 0], K, device=CPU), 40)
+    assert (observation.width, observation.height) == (40, 32)
+    # Half size: pixel edges -0.5 and 79.5 map to -0.5 and 39.5, so u' = (u + 0.5) / 2 - 0.5.
+    expected = np.array([[50.0, 0.0, 19.75], [0.0, 55.0, 14.75], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(observation.K.numpy(), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------- Levenberg-Marquardt pieces
+
+def test_levenberg_marquardt_jacobian_matches_finite_differences(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=11)
+    observation = observe(case)
+    problem = Problem(renderer=soft, mesh=mesh, observation=observation,
+                      loss=LossConfig(colour_weight=0.0), shading=Shading(),
+                      radius=float(mesh.vertices.norm(dim=1).max()))
+    level = Level(CROP, blur=2.0, supersample=4)
+    R0, t0 = (torch.as_tensor(a, dtype=torch.float32) for a in perturbed(case, 4, 0.02, 1))
+    jacobian = linearize(problem, observation, level, R0, t0).jacobian[0]
+    step = 0.01
+    # The outline is moved with its rim points: exact for in-plane motion, an approximation for
+    # out-of-plane rotations (omega_x, omega_y), where the rim slides over the surface.
+    least_cosine = (0.75, 0.75, 0.98, 0.98, 0.98, 0.98)
+    for component in range(6):
+        delta = torch.zeros(1, 6)
+        delta[0, component] = step
+        ahead = linearize(problem, observation, level, *apply_increment(R0, t0, delta,
+                                                                        problem.radius))
+        behind = linearize(problem, observation, level, *apply_increment(R0, t0, -delta,
+                                                                         problem.radius))
+        numeric = (ahead.residual - behind.residual)[0] / (2 * step)
+        analytic = jacobian[:, component]
+        cosine = float(analytic @ numeric / (analytic.norm() * numeric.norm()))
+        assert cosine > least_cosine[component], (component, cosine)
+        assert float(analytic.norm() / numeric.norm()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_recentring_matches_the_mask_centroid(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=12)
+    observation = observe(case)
+    problem = Problem(renderer=soft, mesh=mesh, observation=observation, loss=LossConfig(),
+                      shading=Shading(), radius=float(mesh.vertices.norm(dim=1).max()))
+    shift = np.array([[0.1, -0.08, 0.0]]) * case.t[2]   # far enough to leave the crop partly
+    R = torch.as_tensor(case.R[None], dtype=torch.float32)
+    t = recentred_translations(problem, R, torch.as_tensor(case.t[None] + shift,
+                                                           dtype=torch.float32), observation)
+    assert t[0, 2].item() == pytest.approx(case.t[2], rel=1e-6)  # depth is kept
+    moved = scene.render(make_pose(case.R, t[0].double().numpy())[None], case.K, CROP, CROP,
+                         supersample=4).coverage[0]
+    v, u = np.mgrid[0:CROP, 0:CROP]
+
+    def centroid(image):
+        return np.array([(image * u).sum(), (image * v).sum()]) / image.sum()
+
+    assert np.linalg.norm(centroid(moved) - centroid(case.coverage)) < 0.5
+
+
+# ------------------------------------------------------------------------------ refinement
+
+@pytest.mark.parametrize('optimizer', ['default', 'baseline'])
+def test_converges_from_ten_degrees(model, scene, mesh, renderer, optimizer):
+    case = synthetic_case(model, scene, seed=21)
+    if optimizer == 'default':
+        config = FAST_DEFAULT
+    else:
+        config = AdamConfig(size=CROP, iterations=100)
+    result = refine(observe(case), mesh, perturbed(case, 10.0, 0.05, seed=2), renderer, config)
+    rotation_deg, translation = pose_errors(result.pose, case)
+    assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
+    assert not result.diverged and result.hypothesis == 0
+    assert result.score > 0.95
+    assert result.final_losses[0] < result.start_losses[0]
+    assert result.iterations == len(result.loss_curve) > 1
+    assert result.elapsed_ms > 0
+
+
+@pytest.mark.parametrize('rotation', ROTATIONS)
+def test_rotation_parametrizations_converge_from_a_small_start(model, scene, mesh, soft,
+                                                               rotation):
+    case = synthetic_case(model, scene, seed=31)
+    config = make_optimizer('baseline', rotation=rotation, size=64, iterations=60,
+                            translation='scaled')
+    result = refine(observe(case), mesh, perturbed(case, 5.0, 0.02, seed=3), soft, config)
+    rotation_deg, translation = pose_errors(result.pose, case)
+    assert rotation_deg < 1.0 and translation < 0.01, (rotation, rotation_deg, translation)
+
+
+def test_divergence_guard_by_hand():
+    final = torch.tensor([0.1, 0.5, float('nan'), 0.3])
+    start = torch.tensor([0.2, 0.4, 0.3, 0.3])
+    kept, losses = guarded(final, start)
+    assert kept.tolist() == [True, False, False, False]
+    np.testing.assert_allclose(losses.numpy(), [0.1, 0.4, 0.3, 0.3])
+
+
+def test_divergence_guard_returns_the_start(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=41)
+    start = make_pose(case.R, case.t)[None].astype(np.float32)   # already exact
+    wild = AdamConfig(size=64, iterations=8, lr=0.5)
+    result = refine(observe(case), mesh, start, soft, wild)
+    assert result.diverged
+    assert result.final_losses[0] > result.start_losses[0]
+    np.testing.assert_array_equal(result.pose.numpy(), start[0])
+    # The score is the start's: IoU of the exact 2 x 2 supersampled render with the crop's mask.
+    sharp = soft.render_hard(mesh, torch.as_tensor(case.R[None], dtype=torch.float32),
+                             torch.as_tensor(case.t[None], dtype=torch.float32),
+                             resized_K(case.K, 2)[None], 2 * 64, 2 * 64).silhouette[0].numpy()
+    silhouette = sharp.reshape(64, 2, 64, 2).mean(axis=(1, 3))
+    mask = resized_observation(observe(case), 64).mask.numpy()
+    iou = (silhouette * mask).sum() / (silhouette + mask - silhouette * mask).sum()
+    assert result.score == pytest.approx(iou, abs=1e-4)
+
+
+def resized_K(K: np.ndarray, factor: float) -> torch.Tensor:
+    """Intrinsics of a crop resampled by ``factor`` (pixel centres: u' = f (u + 0.5) - 0.5),
+    composed with the 96 -> 64 px resampling of the observation."""
+    scale = factor * 64 / CROP
+    A = np.array([[scale, 0.0, 0.5 * scale - 0.5], [0.0, scale, 0.5 * scale - 0.5], [0, 0, 1]])
+    return torch.as_tensor(A @ K, dtype=torch.float32)
+
+
+def test_multi_hypothesis_picks_the_good_start(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=51)
+    starts = [perturbed(case, degrees, 0.03, seed=5 + i) for i, degrees in
+              enumerate((70.0, 8.0, 150.0))]
+    R = np.concatenate([s[0] for s in starts])
+    t = np.concatenate([s[1] for s in starts])
+    result = refine(observe(case), mesh, (R, t), soft, FAST_DEFAULT)
+    assert result.hypothesis == 1
+    assert result.poses.shape == (3, 4, 4)
+    assert torch.equal(result.pose, result.poses[1])
+    rotation_deg, translation = pose_errors(result.pose, case)
+    assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
+    others = [pose_errors(result.poses[i], case)[0] for i in (0, 2)]
+    assert min(others) > 5.0   # the bad starts did not reach the truth: the choice mattered
+
+
+def test_occluded_half_needs_the_ignore_mask(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=61)
+    columns = np.nonzero(case.coverage.max(axis=0) > 0.5)[0]
+    occluder = np.zeros_like(case.coverage)
+    occluder[:, :(columns[0] + columns[-1]) // 2] = 1.0   # covers the object's left half
+    image = case.image.copy()
+    image[occluder > 0] = (0.9, 0.2, 0.2)
+    visible = case.coverage * (1.0 - occluder)
+    occluded = Case(R=case.R, t=case.t, K=case.K, image=image, coverage=visible)
+    start = perturbed(case, 10.0, 0.05, seed=6)
+    aware = refine(observe(occluded, ignore=occluder), mesh, start, soft, FAST_DEFAULT)
+    naive = refine(observe(occluded), mesh, start, soft, FAST_DEFAULT)
+    aware_rotation, aware_translation = pose_errors(aware.pose, case)
+    naive_rotation, naive_translation = pose_errors(naive.pose, case)
+    assert aware_rotation < 1.0 and aware_translation < 0.01, (aware_rotation, aware_translation)
+    # Treating the occluded half as background drags the pose toward the visible fragment.
+    assert naive_rotation > 3 * aware_rotation + 1.0 or naive_translation > 3 * aware_translation \
+        + 0.01, (naive_rotation, naive_translation)
+
+
+def test_colour_term_converges(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=71)
+    result = refine(observe(case), mesh, perturbed(case, 10.0, 0.05, seed=7), soft, FAST_DEFAULT,
+                    loss=LossConfig(colour_weight=0.5))
+    rotation_deg, translation = pose_errors(result.pose, case)
+    assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match='baseline'):
+        make_optimizer('sgd')
+    with pytest.raises(ValueError, match='quaternion'):
+        make_optimizer('baseline', rotation='matrix')
