@@ -205,21 +205,21 @@ def test_pose_gradient_matches_finite_differences(backend, mesh, poses):
     weights = _smooth_random_image(rng, (1, SIZE, SIZE))
     colour_weights = _smooth_random_image(rng, (1, SIZE, SIZE, 3))
 
-    def loss(delta_px: torch.Tensor) -> torch.Tensor:
+    def losses(delta_px: torch.Tensor) -> torch.Tensor:
+        """(N,) losses at N perturbations delta_px (N, 6), rendered as one batch."""
         delta = (delta_px * pixel_scale).float()
-        R = axis_angle_to_matrix(delta[:3]) @ R0
-        out = renderer.render(mesh, R[None], (t0 + delta[3:])[None], _intrinsics(1), SIZE, SIZE)
-        return (out.silhouette.double() * weights).sum() + (out.rgb.double() * colour_weights).sum()
+        R = axis_angle_to_matrix(delta[:, :3]) @ R0
+        out = renderer.render(mesh, R, t0 + delta[:, 3:], _intrinsics(len(delta)), SIZE, SIZE)
+        return (out.silhouette.double() * weights).sum(dim=(1, 2)) \
+            + (out.rgb.double() * colour_weights).sum(dim=(1, 2, 3))
 
-    delta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    loss(delta).backward()
-    analytic = delta.grad.numpy()
-    numeric = np.zeros(6)
+    delta = torch.zeros(1, 6, dtype=torch.float64, requires_grad=True)
+    losses(delta).sum().backward()
+    analytic = delta.grad[0].numpy()
     with torch.no_grad():
-        for axis in range(6):
-            step = torch.zeros(6, dtype=torch.float64)
-            step[axis] = check.step_px
-            numeric[axis] = float(loss(step) - loss(-step)) / (2 * check.step_px)
+        steps = check.step_px * torch.eye(6, dtype=torch.float64)
+        step_losses = losses(torch.cat([steps, -steps])).numpy()
+    numeric = (step_losses[:6] - step_losses[6:]) / (2 * check.step_px)
     cosine = analytic @ numeric / (np.linalg.norm(analytic) * np.linalg.norm(numeric))
     relative = abs(np.linalg.norm(analytic) / np.linalg.norm(numeric) - 1.0)
     message = f'analytic {analytic.round(2)} numeric {numeric.round(2)}'
@@ -308,7 +308,7 @@ def test_faces_behind_the_camera_are_dropped(soft, mesh, poses):
     assert torch.isfinite(hard.rgb).all() and hard.silhouette.sum() > 100
 
 
-def test_lambert_flat_shading_matches_trimesh_normals(model, mesh, poses, references):
+def test_lambert_flat_shading_matches_trimesh_normals(model, mesh, scene, poses):
     """Flat Lambert: albedo * (ambient + diffuse * max(0, -n . l)) with n the normal of the
     face that trimesh's ray caster hits through each pixel centre."""
     shading = Shading(lambert=True, light_direction=(0.3, 0.2, 1.0), ambient=0.3, diffuse=0.7)
@@ -316,7 +316,7 @@ def test_lambert_flat_shading_matches_trimesh_normals(model, mesh, poses, refere
     pose = poses[0]
     out = renderer.render_hard(mesh, *_pose_tensors(pose[None]), SIZE, SIZE, shading)
     triangles = _pixel_centre_triangles(model, pose)
-    reference = RaycastScene([model]).render(pose[None], K, SIZE, SIZE)
+    reference = scene.render(pose[None], K, SIZE, SIZE)
     normals_cam = model.to_trimesh().face_normals @ pose[:3, :3].T
     light = np.array(shading.light_direction) / np.linalg.norm(shading.light_direction)
     hit = triangles >= 0

@@ -30,6 +30,9 @@ MAX_GRADIENT_ERROR = 0.1
 """Relative error of an averaged Monte-Carlo gradient (about 3 % noise) against finite
 differences; a misplaced edge or a doubly counted one (as on non-manifold meshes) is 20 %+."""
 
+# The decimated demo mesh is not manifold; test_non_manifold_meshes_are_named checks the warning.
+pytestmark = pytest.mark.filterwarnings('ignore:.*shared by more than two faces:RuntimeWarning')
+
 
 @pytest.fixture(scope='module')
 def full_model():
@@ -103,7 +106,8 @@ def test_probe_succeeds_here():
 def test_probe_fails_cleanly_on_a_missing_library():
     ok, reason = probe_mitsuba(VARIANT, Path('/nonexistent/libLLVM.so.19.1'))
     assert not ok
-    assert '/nonexistent/libLLVM.so.19.1' in reason and 'LLVM' in reason
+    # drjit's own words, passed on from the subprocess's last lines
+    assert 'exited with status 1' in reason and 'LLVM backend is inactive' in reason
 
 
 def test_probe_survives_an_aborting_library():
@@ -182,7 +186,7 @@ def test_translation_gradients_match_reference_finite_differences(full_model):
 
     The mesh is the undecimated, manifold one (see test_non_manifold_meshes_are_named), with
     colours made a smooth function of position: the scanned colours' sub-pixel bands make the
-    colour gradient unbiased but too noisy (about 80 % per estimate) for a quick check."""
+    colour gradient unbiased but too noisy (about 85 % per estimate at spp 8) for a quick check."""
     smooth = np.clip(0.5 + 4.0 * full_model.vertices, 0.0, 1.0).astype(np.float32)
     model = dataclasses.replace(full_model, vertex_colors=smooth)
     renderer = MitsubaRenderer(torch.device('cpu'), spp=8, grid=5)

@@ -22,14 +22,17 @@ How it renders, and why:
   supersampling). Backward: Mitsuba's ``render_backward`` with ``spp`` samples per pixel, once
   per output whose gradient is needed (silhouette, colour), with fresh samples: an unbiased
   estimate of the gradient of the forward's expectation, as in Mitsuba's own forward/backward.
+  The silhouette gradient has low variance; the colour gradient's interior part is noisy where
+  the colours vary within a pixel (about 85 % per estimate at spp 8 on the demo object's bands,
+  under 10 % once its colours are smoothed), so colour terms want more spp or smoother colours.
 - B poses are a Python loop over one scene per (mesh, image size) whose vertex buffer is
   rewritten for each pose; nothing is rebuilt per call except the ray-tracing BVH. A backward
   pass re-uploads its pose's vertices unless the scene still holds them (the last pose does).
 
 Process safety: drjit loads the first libLLVM it finds, and the libLLVM 15 on this image aborts
 the whole process inside the JIT. ``configure_drjit_llvm`` points drjit at libLLVM 19 before
-Mitsuba's LLVM backend starts, and ``probe_mitsuba`` renders a tiny scene in a subprocess first, so a bad
-setup becomes a RuntimeError with the probe's reason instead of a crash.
+Mitsuba's LLVM backend starts, and ``probe_mitsuba`` renders a tiny scene in a subprocess first,
+so a bad setup becomes a RuntimeError with the probe's reason instead of a crash.
 
 Units as in ``base``: metres, pixels, OpenCV pixel centres; depth is camera-frame z in metres.
 """
