@@ -230,3 +230,19 @@ def test_translation_gradients_match_reference_finite_differences(full_model):
             got, want = analytic[index, loss_index], numeric[index, loss_index]
             error = np.linalg.norm(got - want) / np.linalg.norm(want)
             assert error < MAX_GRADIENT_ERROR, f'pose {index} loss {loss_index}: {got} vs {want}'
+
+
+def test_auto_picks_mitsuba_when_the_probe_passes_and_soft_when_it_fails(monkeypatch, caplog):
+    import logging
+
+    from pose_node.render import make_renderer, mitsuba_backend
+    from pose_node.render.soft import SoftRenderer
+
+    caplog.set_level(logging.INFO, logger='pose_node.render')
+    monkeypatch.setattr(mitsuba_backend, 'probe_mitsuba', lambda variant: (False, 'no libLLVM 19'))
+    assert isinstance(make_renderer('auto', torch.device('cpu')), SoftRenderer)
+    assert 'soft' in caplog.text and 'no libLLVM 19' in caplog.text
+    monkeypatch.setattr(mitsuba_backend, 'probe_mitsuba', lambda variant: (True, ''))
+    assert isinstance(make_renderer('auto', torch.device('cpu')), mitsuba_backend.MitsubaRenderer)
+    with pytest.raises(ValueError, match='unknown renderer backend'):
+        make_renderer('opengl', torch.device('cpu'))
