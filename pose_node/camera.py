@@ -8,8 +8,9 @@ Conventions, the same everywhere in this module (OpenCV's):
   covers the continuous rectangle ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``. ``K`` uses these
   coordinates.
 - A box ``(x, y, w, h)`` is the continuous rectangle ``[x, x + w] x [y, y + h]`` in those same
-  coordinates. The full image is the box ``(-0.5, -0.5, W, H)``; an integer pixel box as BOP writes
-  it (first column ``x0``, ``w`` columns) is ``(x0 - 0.5, y0 - 0.5, w, h)``.
+  coordinates. The full image is the box ``(-0.5, -0.5, W, H)``; a BOP box ``(x0, y0, w, h)`` (first
+  column ``x0``; BOP's ``w`` is last column minus first, so it spans ``w + 1`` columns) is
+  ``(x0 - 0.5, y0 - 0.5, w + 1, h + 1)``.
 - Camera frame: REP 103 optical frame (x right, y down, z forward); lengths in metres.
 - Crops and resizes are affine maps ``A`` (2, 3) from full-image to crop pixel coordinates. The
   crop's intrinsics are ``[A; 0 0 1] @ K`` and its pixels are ``cv2.warpAffine`` with the same

@@ -21,7 +21,7 @@ def run(*args, timeout=180):
 def test_pose_tools_help_lists_the_subcommands():
     result = run('pose_tools', '--help')
     assert result.returncode == 0
-    for name in ('demo', 'make-demo-object'):
+    for name in ('demo', 'bench-refine', 'synth', 'make-demo-object'):
         assert name in result.stdout
 
 

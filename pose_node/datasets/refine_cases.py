@@ -142,9 +142,9 @@ def _union_box(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool of BOP's integer pixel box (first column x, w columns)."""
+    """(H, W) bool of a BOP box: first column x, last column x + w (BOP's width is last minus
+    first column)."""
     x, y, w, h = box_xywh
     mask = np.zeros(shape, bool)
-    mask[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = True
+    mask[max(y, 0):max(y + h + 1, 0), max(x, 0):max(x + w + 1, 0)] = True
     return mask
-

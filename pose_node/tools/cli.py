@@ -6,9 +6,9 @@ sets ``func`` to the function that runs it; only this layer parses arguments and
 import argparse
 import sys
 
-from pose_node.tools import bench_refine, demo, make_demo_object
+from pose_node.tools import bench_refine, demo, make_demo_object, synth
 
-SUBCOMMANDS = (demo, bench_refine, make_demo_object)
+SUBCOMMANDS = (demo, bench_refine, synth, make_demo_object)
 
 
 def build_parser() -> argparse.ArgumentParser:
