@@ -9,25 +9,28 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import trimesh
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from pose_node.geometry import make_pose
 from pose_node.refine import (ROTATIONS, AdamConfig, LevenbergMarquardtConfig, Level, LossConfig,
                               colour_error, guarded, make_observation, make_optimizer,
                               recentred_translations, refine, resized_observation, soft_iou)
+from pose_node.mesh import ObjectModel
 from pose_node.refine.losses import colour_gain
-from pose_node.refine.optimizers import Problem, linearize
+from pose_node.refine.motion import mesh_edges, rim_depth
+from pose_node.refine.optimizers import Problem, linearize, spread_starts
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
                                               params_to_rotation, params_to_translation,
                                               rotation_to_params, translation_to_params)
-from pose_node.render import BACKENDS, RenderMesh, Shading, make_renderer
+from pose_node.render import BACKENDS, RenderMesh, make_renderer
 from pose_node.render.raycast import RaycastScene
 from pose_node.tools.demo import load_demo_object
 
 CROP = 96
 FACES = 1000
 CPU = torch.device('cpu')
-FAST_DEFAULT = LevenbergMarquardtConfig(levels=(Level(48, 2.0), Level(96, 0.7, 2)))
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -216,16 +219,15 @@ def test_resized_observation_keeps_pixel_centres():
 def test_levenberg_marquardt_jacobian_matches_finite_differences(model, scene, mesh, soft):
     case = synthetic_case(model, scene, seed=11)
     observation = observe(case)
-    problem = Problem(renderer=soft, mesh=mesh, observation=observation,
-                      loss=LossConfig(colour_weight=0.0), shading=Shading(),
-                      radius=float(mesh.vertices.norm(dim=1).max()))
+    problem = Problem.create(soft, mesh, observation)
     level = Level(CROP, blur=2.0, supersample=4)
     R0, t0 = (torch.as_tensor(a, dtype=torch.float32) for a in perturbed(case, 4, 0.02, 1))
     jacobian = linearize(problem, observation, level, R0, t0).jacobian[0]
     step = 0.01
-    # The outline is moved with its rim points: exact for in-plane motion, an approximation for
+    # The outline moves with the mesh's rim: exact for in-plane motion, approximate for
     # out-of-plane rotations (omega_x, omega_y), where the rim slides over the surface.
-    least_cosine = (0.75, 0.75, 0.98, 0.98, 0.98, 0.98)
+    least_cosine = (0.85, 0.85, 0.99, 0.99, 0.99, 0.99)
+    norm_tolerance = (0.3, 0.3, 0.05, 0.05, 0.05, 0.05)
     for component in range(6):
         delta = torch.zeros(1, 6)
         delta[0, component] = step
@@ -237,14 +239,59 @@ def test_levenberg_marquardt_jacobian_matches_finite_differences(model, scene, m
         analytic = jacobian[:, component]
         cosine = float(analytic @ numeric / (analytic.norm() * numeric.norm()))
         assert cosine > least_cosine[component], (component, cosine)
-        assert float(analytic.norm() / numeric.norm()) == pytest.approx(1.0, abs=0.15)
+        assert float(analytic.norm() / numeric.norm()) == pytest.approx(
+            1.0, abs=norm_tolerance[component]), component
+
+
+def test_spread_starts_turn_out_of_the_image_plane():
+    R = Rotation.random(2, random_state=8).as_matrix()
+    t = np.array([[0.01, 0.02, 0.5], [0.0, -0.01, 0.6]])
+    R_spread, t_spread = spread_starts(torch.as_tensor(R), torch.as_tensor(t), 8.0)
+    assert R_spread.shape == (10, 3, 3)
+    np.testing.assert_array_equal(t_spread.numpy(), np.repeat(t, 5, axis=0))
+    turns = [np.zeros(3), [8, 0, 0], [-8, 0, 0], [0, 8, 0], [0, -8, 0]]
+    expected = np.stack([Rotation.from_rotvec(turn, degrees=True).as_matrix() @ rotation
+                         for rotation in R for turn in turns])
+    np.testing.assert_allclose(R_spread.numpy(), expected, atol=1e-12)
+
+
+def box_model(extents) -> ObjectModel:
+    box = trimesh.creation.box(extents=extents)
+    vertices = np.asarray(box.vertices, np.float32)
+    return ObjectModel(name='box', vertices=vertices, faces=np.asarray(box.faces, np.int64),
+                       vertex_colors=np.full_like(vertices, 0.5), has_colors=False,
+                       diameter=float(np.linalg.norm(extents)), symmetries=np.eye(4)[None])
+
+
+def test_rim_of_a_box_follows_its_outline():
+    model = box_model((0.1, 0.06, 0.04))
+    mesh = RenderMesh.from_model(model, CPU)
+    edges = mesh_edges(mesh)
+    # 8 corners: 12 box edges and 6 face diagonals, each between two triangles.
+    assert edges.vertices.shape == (18, 2) and edges.face_count.tolist() == [2] * 18
+    R = Rotation.from_euler('xyz', [25, -35, 10], degrees=True).as_matrix()
+    t = np.array([0.01, -0.005, 0.5])
+    K = np.array([[500.0, 0.0, 47.5], [0.0, 500.0, 47.5], [0.0, 0.0, 1.0]])
+    rim = rim_depth(mesh, edges, torch.as_tensor(R[None], dtype=torch.float32),
+                    torch.as_tensor(t[None], dtype=torch.float32),
+                    torch.as_tensor(K, dtype=torch.float32), CROP, CROP)[0].numpy()
+    coverage = RaycastScene([model]).render(make_pose(R, t)[None], K, CROP, CROP,
+                                            supersample=4).coverage[0]
+    # A convex box has no inner contours: its rim pixels are the pixels its outline crosses.
+    outline = (coverage > 0.01) & (coverage < 0.99)
+    rim_pixels = rim > 0
+    assert rim_pixels.sum() > 100
+    assert not np.any(rim_pixels & ~ndimage.binary_dilation(outline))
+    assert not np.any(outline & ~ndimage.binary_dilation(rim_pixels))
+    corner_depths = (model.vertices @ R.T + t)[:, 2]
+    assert rim[rim_pixels].min() >= corner_depths.min() - 1e-6
+    assert rim[rim_pixels].max() <= corner_depths.max() + 1e-6
 
 
 def test_recentring_matches_the_mask_centroid(model, scene, mesh, soft):
     case = synthetic_case(model, scene, seed=12)
     observation = observe(case)
-    problem = Problem(renderer=soft, mesh=mesh, observation=observation, loss=LossConfig(),
-                      shading=Shading(), radius=float(mesh.vertices.norm(dim=1).max()))
+    problem = Problem.create(soft, mesh, observation)
     shift = np.array([[0.1, -0.08, 0.0]]) * case.t[2]   # far enough to leave the crop partly
     R = torch.as_tensor(case.R[None], dtype=torch.float32)
     t = recentred_translations(problem, R, torch.as_tensor(case.t[None] + shift,
@@ -266,14 +313,18 @@ def test_recentring_matches_the_mask_centroid(model, scene, mesh, soft):
 def test_converges_from_ten_degrees(model, scene, mesh, renderer, optimizer):
     case = synthetic_case(model, scene, seed=21)
     if optimizer == 'default':
-        config = FAST_DEFAULT
+        config = LevenbergMarquardtConfig()
     else:
-        config = AdamConfig(size=CROP, iterations=100)
+        # Measured on this case with Mitsuba: 1.0-1.2 deg with translation in metres (the
+        # paper's), 0.6 deg with the scaled translation.
+        config = AdamConfig(size=CROP, iterations=100, translation='scaled')
     result = refine(observe(case), mesh, perturbed(case, 10.0, 0.05, seed=2), renderer, config)
     rotation_deg, translation = pose_errors(result.pose, case)
     assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
     assert not result.diverged and result.hypothesis == 0
-    assert result.score > 0.95
+    assert result.score > 0.9   # the start's IoU is 0.48
+    # Silhouette only: the loss is 1 - IoU (Mitsuba draws new samples for each render).
+    assert result.score == pytest.approx(1.0 - result.final_losses[0].item(), abs=2e-3)
     assert result.final_losses[0] < result.start_losses[0]
     assert result.iterations == len(result.loss_curve) > 1
     assert result.elapsed_ms > 0
@@ -330,7 +381,7 @@ def test_multi_hypothesis_picks_the_good_start(model, scene, mesh, soft):
               enumerate((70.0, 8.0, 150.0))]
     R = np.concatenate([s[0] for s in starts])
     t = np.concatenate([s[1] for s in starts])
-    result = refine(observe(case), mesh, (R, t), soft, FAST_DEFAULT)
+    result = refine(observe(case), mesh, (R, t), soft)
     assert result.hypothesis == 1
     assert result.poses.shape == (3, 4, 4)
     assert torch.equal(result.pose, result.poses[1])
@@ -338,6 +389,12 @@ def test_multi_hypothesis_picks_the_good_start(model, scene, mesh, soft):
     assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
     others = [pose_errors(result.poses[i], case)[0] for i in (0, 2)]
     assert min(others) > 5.0   # the bad starts did not reach the truth: the choice mattered
+    # With keep=1 only the best start goes past the coarse level; the winner is the same.
+    pruned = refine(observe(case), mesh, (R, t), soft, LevenbergMarquardtConfig(keep=1))
+    assert pruned.hypothesis == 1
+    assert pose_errors(pruned.pose, case)[0] < 1.0
+    assert torch.isnan(pruned.loss_curve).sum() == 0
+    assert pruned.iterations > 0
 
 
 def test_occluded_half_needs_the_ignore_mask(model, scene, mesh, soft):
@@ -350,8 +407,8 @@ def test_occluded_half_needs_the_ignore_mask(model, scene, mesh, soft):
     visible = case.coverage * (1.0 - occluder)
     occluded = Case(R=case.R, t=case.t, K=case.K, image=image, coverage=visible)
     start = perturbed(case, 10.0, 0.05, seed=6)
-    aware = refine(observe(occluded, ignore=occluder), mesh, start, soft, FAST_DEFAULT)
-    naive = refine(observe(occluded), mesh, start, soft, FAST_DEFAULT)
+    aware = refine(observe(occluded, ignore=occluder), mesh, start, soft)
+    naive = refine(observe(occluded), mesh, start, soft)
     aware_rotation, aware_translation = pose_errors(aware.pose, case)
     naive_rotation, naive_translation = pose_errors(naive.pose, case)
     assert aware_rotation < 1.0 and aware_translation < 0.01, (aware_rotation, aware_translation)
@@ -362,7 +419,7 @@ def test_occluded_half_needs_the_ignore_mask(model, scene, mesh, soft):
 
 def test_colour_term_converges(model, scene, mesh, soft):
     case = synthetic_case(model, scene, seed=71)
-    result = refine(observe(case), mesh, perturbed(case, 10.0, 0.05, seed=7), soft, FAST_DEFAULT,
+    result = refine(observe(case), mesh, perturbed(case, 10.0, 0.05, seed=7), soft,
                     loss=LossConfig(colour_weight=0.5))
     rotation_deg, translation = pose_errors(result.pose, case)
     assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)

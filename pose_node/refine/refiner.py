@@ -5,8 +5,9 @@ Order of work in :func:`refine`:
    that count) lies on the observed mask's (without it a 10 %-of-distance start often leaves a
    tight crop, where the IoU has no gradient);
 2. refine all hypotheses as one batch with the chosen optimizer;
-3. score every start and every result with the eq.-3 loss at the optimizer's final resolution
-   and sharpness; a result worse than its start is replaced by the start (divergence guard);
+3. score every start and every result with the eq.-3 loss of sharp (supersampled, not soft)
+   renders at the optimizer's final resolution; a result not better than its start is replaced
+   by the start (divergence guard);
 4. the hypothesis with the lowest loss wins; its score is the IoU of its sharp silhouette.
 
 Poses are object-to-camera (4, 4) with translations in metres, on the mesh's device and dtype.
@@ -18,9 +19,9 @@ import torch
 
 from pose_node.geometry import make_pose
 from pose_node.refine.losses import LossConfig, Observation
-from pose_node.refine.optimizers import (AdamConfig, LevenbergMarquardtConfig, Problem, adam_refine,
-                                         evaluate_loss, levenberg_marquardt_refine, hard_iou,
-                                         sharp_render)
+from pose_node.refine.optimizers import (AdamConfig, LevenbergMarquardtConfig, Problem,
+                                         adam_refine, evaluate_loss, hard_iou,
+                                         levenberg_marquardt_refine, sharp_render)
 from pose_node.render.base import Renderer, RenderMesh, Shading
 
 OPTIMIZERS = ('baseline', 'default')
@@ -80,8 +81,7 @@ def refine(observation: Observation, mesh: RenderMesh, poses, renderer: Renderer
     sharp renders with ``score_supersample`` squared point samples per pixel."""
     started = time.perf_counter()
     R_start, t_start = _pose_batch(poses, mesh)
-    problem = Problem(renderer=renderer, mesh=mesh, observation=observation, loss=loss,
-                      shading=shading, radius=float(mesh.vertices.norm(dim=1).max()))
+    problem = Problem.create(renderer, mesh, observation, loss, shading)
     t_init = t_start
     if recentre:
         t_init = recentred_translations(problem, R_start, t_start,
@@ -91,9 +91,9 @@ def refine(observation: Observation, mesh: RenderMesh, poses, renderer: Renderer
     else:
         trajectory = levenberg_marquardt_refine(problem, R_start, t_init, optimizer)
     final_view = problem.at_size(optimizer.final_size)
-    start_losses = evaluate_loss(problem, R_start, t_start, final_view, score_supersample)
-    final_losses = evaluate_loss(problem, trajectory.R, trajectory.t, final_view,
-                                 score_supersample)
+    start_losses, final_losses = evaluate_loss(
+        problem, torch.cat([R_start, trajectory.R]), torch.cat([t_start, trajectory.t]),
+        final_view, score_supersample).chunk(2)
     kept, losses = guarded(final_losses, start_losses)
     R = torch.where(kept[:, None, None], trajectory.R, R_start)
     t = torch.where(kept[:, None], trajectory.t, t_start)
