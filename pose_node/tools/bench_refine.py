@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     parser.add_argument('--colour-weight', type=float, default=None,
                         help='lambda of the colour term (default: the loss default)')
     parser.add_argument('--device', default='cpu', help='torch device, e.g. cpu or cuda')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads (1: small per-iteration tensors gain nothing from '
+                             'more, and OpenMP spin-waits cost much on a loaded machine)')
     parser.add_argument('--lmo-root', type=Path, default=None)
     parser.add_argument('--json', type=Path, default=None, help='write the figures here')
     parser.set_defaults(func=run)
@@ -116,7 +119,7 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rng = np.random.default_rng(args.seed)
     cases = build_cases(args, rng)
