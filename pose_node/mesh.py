@@ -1,4 +1,5 @@
-"""Object models: loading PLY/OBJ meshes, units, colours, diameter, symmetries, sampling.
+"""Object models: loading PLY/OBJ meshes, units, colours, diameter, symmetries, sampling,
+decimation for rendering (manifold-preserving vertex clustering).
 
 Units: vertices and translations in METRES in the model frame; colours as floats in 0..1.
 Mesh files may be in other units (BOP meshes are in millimetres): `unit_scale` converts at load.
@@ -6,11 +7,14 @@ Mesh files may be in other units (BOP meshes are in millimetres): `unit_scale` c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import trimesh
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
 from scipy.spatial.transform import Rotation
@@ -93,7 +97,9 @@ class ObjectModel:
     def decimated(self, max_faces: int) -> ObjectModel:
         """A copy with at most `max_faces` faces, for rendering; colours carried over.
 
+        Parts stay apart and no new edge gets more than two faces (see `decimate_by_clustering`).
         Diameter and symmetries stay those of the full model (they describe the object).
+        Raises ValueError when `max_faces` is too small to keep every part closed.
         """
         if len(self.faces) <= max_faces:
             return self
@@ -294,90 +300,478 @@ def rotation_about_line(axis: np.ndarray, point: np.ndarray, angle: float) -> np
 
 # --------------------------------------------------------------------------- decimation
 
+COARSE_FACE_FRACTION = 0.5
+"""Error-driven refinement starts from the uniform grid that gives (before repairs) this
+fraction of the faces it aims at."""
+
+FACES_PER_SPLIT_ROUND = 4
+"""Each refinement round splits one worst cluster per this many faces still missing (a split
+adds about two faces, so rounds close about half the gap)."""
+
+COLOR_ERROR_WEIGHT = 0.02
+"""Geometric error (fraction of the bounding-box diagonal) that counts as much as a colour
+standard deviation of 1 when choosing clusters to split."""
+
+FACE_BUDGET_SLACK = 0.05
+"""The searches stop once the face count is within this fraction below the budget."""
+
+SEARCH_STEPS = 64
+"""Face counts tried at most in the search for the coarse grid's cell size."""
+
+BUDGET_TRIES = 8
+"""Refinement runs tried at most while adjusting their face target to the budget."""
+
+DEGENERATE_AREA_FRACTION = 1e-4
+"""A decimated face with less area than this fraction of its longest side squared counts as
+degenerate (its clusters are split); 1e-4 keeps it clear of float32 rounding."""
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Sums over the members of each of N groups (vertices or clusters).
+
+    members: (N,) how many. points: (N, 3) metres. quadric_a: (N, 3, 3), quadric_b: (N, 3),
+    quadric_c: (N,), the area-weighted plane quadrics of the members' faces (metres^2,
+    metres^3, metres^4; see `_vertex_quadrics`). colors, colors_squared: (N, 3).
+    """
+
+    members: np.ndarray
+    points: np.ndarray
+    quadric_a: np.ndarray
+    quadric_b: np.ndarray
+    quadric_c: np.ndarray
+    colors: np.ndarray
+    colors_squared: np.ndarray
+
+    def stacked(self) -> np.ndarray:
+        """(N, 23) the sums side by side, for summing them over groups at once."""
+        return np.concatenate([self.members[:, None], self.points,
+                               self.quadric_a.reshape(-1, 9), self.quadric_b,
+                               self.quadric_c[:, None], self.colors, self.colors_squared],
+                              axis=1)
+
+    @staticmethod
+    def from_stacked(stacked: np.ndarray) -> _Sums:
+        return _Sums(members=stacked[:, 0], points=stacked[:, 1:4],
+                     quadric_a=stacked[:, 4:13].reshape(-1, 3, 3), quadric_b=stacked[:, 13:16],
+                     quadric_c=stacked[:, 16], colors=stacked[:, 17:20],
+                     colors_squared=stacked[:, 20:23])
+
+
+@dataclass(frozen=True)
+class _ClusteringInput:
+    """The full mesh with what every clustering of it needs, computed once.
+
+    points: (V, 3) float64, metres. faces: (F, 3) int64.
+    links: (L, 2) vertex pairs that may merge: the undirected edges and vertices at the same
+    position (seams of split vertices). flawed_edges: (K, 2) its edges not shared by exactly
+    one face each way (borders, non-manifold or inconsistently oriented edges) and
+    flaw_kinds: (K,) what is wrong with each (see `_flawed_edges`); clustering may keep such a
+    flaw, not make a new one. components: (V,) connected component (through links) of each
+    vertex. vertex_sums: (V, 23) each vertex's own `_Sums`, stacked.
+    color_scale: metres of error that a colour standard deviation of 1 counts as.
+    """
+
+    points: np.ndarray
+    faces: np.ndarray
+    links: np.ndarray
+    flawed_edges: np.ndarray
+    flaw_kinds: np.ndarray
+    components: np.ndarray
+    vertex_sums: np.ndarray
+    color_scale: float
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """Boxes that partition the vertices: ids (V,) each vertex's box; low, high (N, 3) metres,
+    the boxes' corners."""
+
+    ids: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Clustering:
+    """Vertices merged into C clusters, each connected through links inside one cell.
+
+    labels: (V,) cluster of each vertex. cells: (C,) the cell of each cluster. faces: (F', 3)
+    the surviving triangles over cluster labels. points: (C, 3) metres, each cluster's new
+    position. sums: the clusters' `_Sums`. member_low, member_high: (C, 3) metres, the
+    bounding box of each cluster's members.
+    """
+
+    labels: np.ndarray
+    cells: np.ndarray
+    faces: np.ndarray
+    points: np.ndarray
+    sums: _Sums
+    member_low: np.ndarray
+    member_high: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.points)
+
+
 def decimate_by_clustering(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray,
                            max_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vertex-clustering decimation to at most `max_faces` faces.
+    """Vertex-clustering decimation to at most `max_faces` faces that keeps the mesh manifold.
 
     vertices (V, 3), faces (F, 3), colors (V, 3) -> the same for the decimated mesh
-    (float32, int64, float32). Vertices are merged per cubic grid cell; the cell size is the
-    smallest (found by bisection) that meets `max_faces`. Each cell's vertex sits where the
-    summed plane quadrics of its faces are smallest (Lindstrom 2000), so flat sides, edges and
-    the bounding box survive; its colour is the members' mean.
+    (float32, int64, float32). Vertices are merged per cell, but only those joined by mesh
+    edges inside the cell (or sitting at one point, as split vertices along texture seams do):
+    separate parts and the two sides of a thin wall stay apart, so each connected component is
+    decimated on its own. Cells start as a coarse cubic grid; the clusters with the largest
+    error (distance to their faces' planes, colour spread) are split in two (across the middle
+    of their longest side) until the face budget is used, so flat and plain regions get fewer
+    faces than curved or detailed ones. Where merging leaves an edge not shared by exactly one
+    face each way (non-manifold, a hole or a fold), a degenerate face or a vanished component,
+    the clusters involved are split too, until none is left; flaws of the input itself may
+    stay. Each cluster's vertex sits where the summed plane quadrics of its faces are smallest
+    (Lindstrom 2000), inside its cell, so flat sides, edges and the bounding box survive; its
+    colour is the members' mean.
+    Raises ValueError when `max_faces` is too small for a manifold result this way (measured:
+    200 faces are enough for the demo object and every LM-O object, 100 are not for some).
     """
-    points = vertices.astype(np.float64)
-    low, high = _bracketing_cell_sizes(points, faces, max_faces)
-    for _ in range(30):
-        middle = np.sqrt(low * high)
-        if len(_clustered_faces(_cell_labels(points, middle)[0], faces)) <= max_faces:
-            high = middle
+    if len(faces) <= max_faces:
+        return vertices.astype(np.float32), faces.astype(np.int64), colors.astype(np.float32)
+    mesh = _clustering_input(vertices.astype(np.float64), faces.astype(np.int64),
+                             colors.astype(np.float64))
+    clustering = _clustering_within_budget(mesh, max_faces)
+    new_colors = clustering.sums.colors / clustering.sums.members[:, None]
+    used, new_faces = np.unique(clustering.faces, return_inverse=True)
+    return (clustering.points[used].astype(np.float32),
+            new_faces.reshape(-1, 3).astype(np.int64), new_colors[used].astype(np.float32))
+
+
+def _finest_cell_size(face_count: Callable[[float], int], start: float,
+                      max_faces: int) -> float:
+    """The smallest cell size (metres) found whose `face_count(size)` is at most `max_faces`,
+    stopping early once the count is within `FACE_BUDGET_SLACK` below it. Searched from
+    `start` by assuming the count goes with 1 / size**2, kept inside the bracket found so far
+    (else halving, doubling or bisecting it), for at most `SEARCH_STEPS` counts."""
+    target = max((1.0 - 0.5 * FACE_BUDGET_SLACK) * max_faces, 1.0)
+    too_fine, feasible = 0.0, np.inf
+    size = start
+    for _ in range(SEARCH_STEPS):
+        count = face_count(size)
+        if count <= max_faces:
+            feasible = size
+            if count >= (1.0 - FACE_BUDGET_SLACK) * max_faces:
+                break
         else:
-            low = middle
-    labels, cells = _cell_labels(points, high)
-    new_faces = _clustered_faces(labels, faces)
-    counts = np.bincount(labels)[:, None]
-    mean_points = np.zeros((len(counts), 3))
-    np.add.at(mean_points, labels, points)
-    mean_points /= counts
-    new_colors = np.zeros((len(counts), 3))
-    np.add.at(new_colors, labels, colors.astype(np.float64))
-    new_colors /= counts
-    new_points = _quadric_cell_points(points, faces, labels, mean_points)
-    cell_origin = points.min(axis=0) + cells * high
-    new_points = np.clip(new_points, cell_origin, cell_origin + high)
-    used, new_faces = np.unique(new_faces, return_inverse=True)
-    return (new_points[used].astype(np.float32), new_faces.reshape(-1, 3).astype(np.int64),
-            new_colors[used].astype(np.float32))
+            too_fine = size
+        if too_fine * (1.0 + 1e-3) >= feasible:
+            break
+        size_for_target = size * np.sqrt(max(count, 1) / target)
+        if too_fine < size_for_target < feasible:
+            size = size_for_target
+        elif too_fine > 0.0 and feasible < np.inf:
+            size = np.sqrt(too_fine * feasible)
+        else:
+            size = size / 2.0 if count <= max_faces else size * 2.0
+    return feasible
 
 
-def _bracketing_cell_sizes(points: np.ndarray, faces: np.ndarray,
-                           max_faces: int) -> tuple[float, float]:
-    """Cell sizes (metres) giving more than / at most `max_faces` faces."""
-    high = float(np.ptp(points, axis=0).max())
-    while len(_clustered_faces(_cell_labels(points, high)[0], faces)) > max_faces:
-        high *= 2.0  # only when max_faces is tiny
-    return high * 1e-6, high
+def _clustering_within_budget(mesh: _ClusteringInput, max_faces: int) -> _Clustering:
+    """The repaired, error-refined clustering with the most faces up to `max_faces` among a few
+    runs, each aiming its refinement lower or higher by what the repairs of the last one
+    added (down to half the last aim at a time)."""
+    area = 0.5 * np.linalg.norm(_face_normals(mesh.points, mesh.faces), axis=1).sum()
+    coarse_size = np.sqrt(area / max_faces)
+    best = None
+    target = max_faces
+    for _ in range(BUDGET_TRIES):
+        coarse_faces = int(COARSE_FACE_FRACTION * target)
+        coarse_size = _finest_cell_size(lambda size: len(_unrepaired_faces(mesh, size)),
+                                        coarse_size, coarse_faces)
+        coarse = _grid_cells(mesh.points, coarse_size)
+        clustering = _manifold_clustering(mesh, _refined_cells(mesh, coarse, target))
+        count = len(clustering.faces)
+        if count <= max_faces:
+            if best is None or count > len(best.faces):
+                best = clustering
+            if count >= (1.0 - FACE_BUDGET_SLACK) * max_faces:
+                break
+        goal = int((1.0 - 0.5 * FACE_BUDGET_SLACK) * max_faces)
+        target = max(target + goal - count, target // 2)
+    if best is None:
+        raise ValueError(f'cannot decimate to {max_faces} faces and keep the mesh manifold '
+                         f'(too few faces for its parts)')
+    return best
 
 
-def _cell_labels(points: np.ndarray, cell_size: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-point cluster label (V,) and each cluster's integer grid cell (C, 3)."""
-    grid = np.floor((points - points.min(axis=0)) / cell_size).astype(np.int64)
-    cells, labels = np.unique(grid, axis=0, return_inverse=True)
-    return labels.reshape(-1), cells
+def _clustering_input(points: np.ndarray, faces: np.ndarray,
+                      colors: np.ndarray) -> _ClusteringInput:
+    """Links, flaws, components and per-vertex sums of the (V, 3) points' (F, 3) faces and
+    (V, 3) colours."""
+    edge_keys = np.unique(_edge_keys(_face_edges(faces), len(points)))
+    edges = np.stack([edge_keys // len(points), edge_keys % len(points)], axis=1)
+    links = np.concatenate([edges, _same_position_pairs(points)])
+    graph = coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])),
+                       shape=(len(points), len(points)))
+    _, components = connected_components(graph, directed=False)
+    quadric_a, quadric_b, quadric_c = _vertex_quadrics(points, faces)
+    vertex_sums = _Sums(members=np.ones(len(points)), points=points, quadric_a=quadric_a,
+                        quadric_b=quadric_b, quadric_c=quadric_c, colors=colors,
+                        colors_squared=colors ** 2)
+    flawed_edges, flaw_kinds = _flawed_edges(faces, len(points))
+    return _ClusteringInput(
+        points=points, faces=faces, links=links, flawed_edges=flawed_edges,
+        flaw_kinds=flaw_kinds, components=components, vertex_sums=vertex_sums.stacked(),
+        color_scale=COLOR_ERROR_WEIGHT * float(np.linalg.norm(np.ptp(points, axis=0))))
 
 
-def _clustered_faces(labels: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(F', 3) faces over cluster labels, without collapsed or repeated triangles."""
+def _same_position_pairs(points: np.ndarray) -> np.ndarray:
+    """(P, 2) pairs of vertices at exactly the same position, each with the first of its
+    position (in lexicographic order)."""
+    order = np.lexsort(points.T[::-1])
+    ordered = points[order]
+    new_position = np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)])
+    first = order[np.flatnonzero(new_position)][np.cumsum(new_position) - 1]
+    repeated = ~new_position
+    return np.stack([order[repeated], first[repeated]], axis=1)
+
+
+def _face_edges(faces: np.ndarray) -> np.ndarray:
+    """(3F, 2) directed edges of the (F, 3) faces, face by face."""
+    return faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+
+
+def _edge_keys(edges: np.ndarray, vertex_count: int) -> np.ndarray:
+    """(E,) one int64 per undirected (E, 2) edge, equal for (a, b) and (b, a)."""
+    return edges.min(axis=1) * vertex_count + edges.max(axis=1)
+
+
+def _flawed_edges(faces: np.ndarray, vertex_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, 2) undirected edges of the (F, 3) faces not shared by exactly two faces that run
+    along them in opposite directions, and (K,) int64 kinds of flaw: 0 a border (one face),
+    1 non-manifold (more than two faces), 2 a fold (two faces running the same way)."""
+    directed = _face_edges(faces)
+    keys, inverse, counts = np.unique(_edge_keys(directed, vertex_count),
+                                      return_inverse=True, return_counts=True)
+    forward = np.where(directed[:, 0] < directed[:, 1], 1.0, -1.0)
+    folded = np.bincount(inverse.reshape(-1), weights=forward, minlength=len(keys)) != 0
+    kinds = np.select([counts == 1, counts > 2, (counts == 2) & folded], [0, 1, 2], -1)
+    flawed = kinds >= 0
+    return (np.stack([keys[flawed] // vertex_count, keys[flawed] % vertex_count], axis=1),
+            kinds[flawed])
+
+
+def _face_normals(points: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(F, 3) face normals scaled to twice the face area (metres^2), right-hand winding."""
+    corners = points[faces]
+    return np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+
+
+def _vertex_quadrics(points: np.ndarray,
+                     faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(V, 3, 3), (V, 3), (V,): per vertex, the sums A, b, c of w n n^T, -w d n and w d^2 over
+    planes n.x + d = 0, so that x^T A x - 2 b^T x + c is the weighted sum of squared distances
+    from x to those planes. The planes are those of the vertex's faces (w: the face area) and,
+    for a border edge at the vertex, the plane through the edge square to its face (w: the
+    edge length squared), which keeps open rims where they are (Lindstrom 2000)."""
+    cross = _face_normals(points, faces)
+    double_area = np.linalg.norm(cross, axis=1)
+    normals = cross / np.maximum(double_area, np.finfo(float).tiny)[:, None]
+    face_planes = _plane_quadrics(normals, points[faces[:, 0]], 0.5 * double_area, faces,
+                                  len(points))
+    directed = _face_edges(faces)
+    _, inverse, counts = np.unique(_edge_keys(directed, len(points)), return_inverse=True,
+                                   return_counts=True)
+    border = np.flatnonzero(counts[inverse.reshape(-1)] == 1)
+    start = points[directed[border, 0]]
+    across = np.cross(points[directed[border, 1]] - start, normals[border // 3])
+    length = np.linalg.norm(across, axis=1)
+    border_planes = _plane_quadrics(across / np.maximum(length, np.finfo(float).tiny)[:, None],
+                                    start, length ** 2, directed[border], len(points))
+    return tuple(face + rim for face, rim in zip(face_planes, border_planes))
+
+
+def _plane_quadrics(normals: np.ndarray, anchors: np.ndarray, weights: np.ndarray,
+                    vertex_ids: np.ndarray,
+                    vertex_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quadrics (see `_vertex_quadrics`) of P planes with unit normals (P, 3) through
+    anchors (P, 3), weighted (P,), summed into each of the (P, K) vertices of each plane."""
+    offsets = -np.einsum('pd,pd->p', normals, anchors)
+    values = np.concatenate([
+        (weights[:, None, None] * normals[:, :, None] * normals[:, None, :]).reshape(-1, 9),
+        -(weights * offsets)[:, None] * normals, (weights * offsets ** 2)[:, None]], axis=1)
+    sums = _sums_per_label(vertex_ids.T.reshape(-1), np.tile(values, (vertex_ids.shape[1], 1)),
+                           vertex_count)
+    return sums[:, :9].reshape(-1, 3, 3), sums[:, 9:12], sums[:, 12]
+
+
+def _sums_per_label(labels: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
+    """(count, D) sums of the (N, D) values per label (N,)."""
+    return np.stack([np.bincount(labels, weights=column, minlength=count)
+                     for column in values.T], axis=1)
+
+
+def _grid_cells(points: np.ndarray, cell_size: float) -> _Cells:
+    """The cubic cells of side `cell_size` (metres) that hold the (V, 3) points, the grid
+    anchored at the points' minimum corner."""
+    origin = points.min(axis=0)
+    grid = np.floor((points - origin) / cell_size).astype(np.int64)
+    shape = grid.max(axis=0) + 1
+    keys = (grid[:, 0] * shape[1] + grid[:, 1]) * shape[2] + grid[:, 2]
+    _, first, ids = np.unique(keys, return_index=True, return_inverse=True)
+    low = origin + grid[first] * cell_size
+    return _Cells(ids=ids.reshape(-1), low=low, high=low + cell_size)
+
+
+def _cluster_labels(mesh: _ClusteringInput, cell_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """(V,) cluster labels and their count: vertices joined by links inside one cell."""
+    start, end = mesh.links[:, 0], mesh.links[:, 1]
+    inside = cell_ids[start] == cell_ids[end]
+    vertex_count = len(mesh.points)
+    graph = coo_matrix((np.ones(int(inside.sum())), (start[inside], end[inside])),
+                       shape=(vertex_count, vertex_count))
+    count, labels = connected_components(graph, directed=False)
+    return labels, count
+
+
+def _clustered_faces(labels: np.ndarray, count: int, faces: np.ndarray) -> np.ndarray:
+    """(F', 3) faces over cluster labels, without collapsed or repeated triangles (a pair of
+    opposite triangles on the same clusters keeps its first one)."""
     merged = labels[faces]
     keep = ((merged[:, 0] != merged[:, 1]) & (merged[:, 1] != merged[:, 2])
             & (merged[:, 0] != merged[:, 2]))
     merged = merged[keep]
-    _, first = np.unique(np.sort(merged, axis=1), axis=0, return_index=True)
+    ordered = np.sort(merged, axis=1)
+    keys = (ordered[:, 0] * count + ordered[:, 1]) * count + ordered[:, 2]
+    _, first = np.unique(keys, return_index=True)
     return merged[np.sort(first)]
 
 
-def _quadric_cell_points(points: np.ndarray, faces: np.ndarray, labels: np.ndarray,
-                         mean_points: np.ndarray) -> np.ndarray:
-    """(C, 3) per-cluster points minimising the area-weighted squared distances to the
-    planes of the cluster's faces, pulled weakly towards the cluster mean where that is
-    under-determined (flat or straight regions)."""
-    corners = points[faces]
-    cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    double_area = np.linalg.norm(cross, axis=1)
-    valid = double_area > 0
-    normals = cross[valid] / double_area[valid, None]
-    weights = 0.5 * double_area[valid]
-    offsets = -np.einsum('fd,fd->f', normals, corners[valid, 0])
-    face_a = weights[:, None, None] * normals[:, :, None] * normals[:, None, :]
-    face_b = -(weights * offsets)[:, None] * normals
+def _unrepaired_faces(mesh: _ClusteringInput, cell_size: float) -> np.ndarray:
+    """(F', 3) faces of the clustering in cubic cells of side `cell_size`, flaws and all."""
+    labels, count = _cluster_labels(mesh, _grid_cells(mesh.points, cell_size).ids)
+    return _clustered_faces(labels, count, mesh.faces)
 
-    clusters = len(mean_points)
-    a = np.zeros((clusters, 3, 3))
-    b = np.zeros((clusters, 3))
-    for corner in range(3):
-        corner_labels = labels[faces[valid, corner]]
-        np.add.at(a, corner_labels, face_a)
-        np.add.at(b, corner_labels, face_b)
-    regulariser = 1e-3 * np.trace(a, axis1=1, axis2=2) / 3.0 + 1e-12
-    a += regulariser[:, None, None] * np.eye(3)
-    b += regulariser[:, None] * mean_points
+
+def _clustering(mesh: _ClusteringInput, cells: _Cells) -> _Clustering:
+    """Clusters, their faces and quadric-placed points (clipped to the cells)."""
+    labels, count = _cluster_labels(mesh, cells.ids)
+    order = np.argsort(labels, kind='stable')
+    starts = np.searchsorted(labels[order], np.arange(count))
+    cluster_cells = cells.ids[order[starts]]
+    sums = _Sums.from_stacked(np.add.reduceat(mesh.vertex_sums[order], starts))
+    points = np.clip(_quadric_cluster_points(sums),
+                     cells.low[cluster_cells], cells.high[cluster_cells])
+    return _Clustering(labels=labels, cells=cluster_cells,
+                       faces=_clustered_faces(labels, count, mesh.faces), points=points,
+                       sums=sums, member_low=np.minimum.reduceat(mesh.points[order], starts),
+                       member_high=np.maximum.reduceat(mesh.points[order], starts))
+
+
+def _quadric_cluster_points(sums: _Sums) -> np.ndarray:
+    """(C, 3) per-cluster points minimising the weighted squared distances to the planes of
+    their quadrics (see `_vertex_quadrics`), pulled weakly towards the cluster mean where that
+    is under-determined (flat or straight regions)."""
+    regulariser = 1e-3 * np.trace(sums.quadric_a, axis1=1, axis2=2) / 3.0 + 1e-12
+    a = sums.quadric_a + regulariser[:, None, None] * np.eye(3)
+    b = sums.quadric_b + regulariser[:, None] * sums.points / sums.members[:, None]
     return np.linalg.solve(a, b[:, :, None])[:, :, 0]
+
+
+def _cluster_errors(clustering: _Clustering, color_scale: float) -> np.ndarray:
+    """(C,) metres: each cluster's weighted RMS distance from its point to the planes of its
+    quadrics, combined with its members' colour standard deviation times `color_scale`
+    (metres)."""
+    sums, points = clustering.sums, clustering.points
+    squared_sum = (np.einsum('ci,cij,cj->c', points, sums.quadric_a, points)
+                   - 2.0 * (sums.quadric_b * points).sum(axis=1) + sums.quadric_c)
+    weight = np.trace(sums.quadric_a, axis1=1, axis2=2)  # unit normals: trace(n n^T) = 1
+    squared_distance = np.maximum(squared_sum, 0.0) / np.maximum(weight, np.finfo(float).tiny)
+    members = sums.members[:, None]
+    color_variance = (sums.colors_squared / members - (sums.colors / members) ** 2).sum(axis=1)
+    return np.sqrt(squared_distance + color_scale ** 2 * np.maximum(color_variance, 0.0))
+
+
+def _splittable(clustering: _Clustering) -> np.ndarray:
+    """(C,) bool: clusters whose members do not all sit at one point."""
+    return (clustering.member_high > clustering.member_low).any(axis=1)
+
+
+def _refined_cells(mesh: _ClusteringInput, cells: _Cells, target_faces: int) -> _Cells:
+    """The cells after splitting the clusters with the largest `_cluster_errors`, round by
+    round, until the clustering (before repairs) is within half of `FACE_BUDGET_SLACK` below
+    `target_faces` faces, or above."""
+    while True:
+        clustering = _clustering(mesh, cells)
+        missing = target_faces - len(clustering.faces)
+        if missing <= 0.5 * FACE_BUDGET_SLACK * target_faces:
+            return cells
+        errors = np.where(_splittable(clustering),
+                          _cluster_errors(clustering, mesh.color_scale), 0.0)
+        worst = np.argsort(-errors)[:max(missing // FACES_PER_SPLIT_ROUND, 1)]
+        worst = worst[errors[worst] > 0]
+        if len(worst) == 0:
+            return cells
+        cells = _split_cells(mesh.points, clustering, cells, worst)
+
+
+def _manifold_clustering(mesh: _ClusteringInput, cells: _Cells) -> _Clustering:
+    """The clustering in `cells`, its flawed clusters split until none is left (or none that
+    can still be split)."""
+    while True:
+        clustering = _clustering(mesh, cells)
+        split = _clusters_to_split(mesh, clustering)
+        if len(split) == 0:
+            return clustering
+        cells = _split_cells(mesh.points, clustering, cells, split)
+
+
+def _clusters_to_split(mesh: _ClusteringInput, clustering: _Clustering) -> np.ndarray:
+    """Labels of the splittable clusters on clustering flaws; empty when none is left.
+
+    A new flawed edge splits its ends, or the other corners of its faces when neither end can
+    be split; a degenerate face splits its corners; a vanished component all its clusters."""
+    count, faces = clustering.count, clustering.faces
+    splittable = _splittable(clustering)
+    edges, kinds = _flawed_edges(faces, count)
+    kept = _edge_keys(clustering.labels[mesh.flawed_edges], count) * 3 + mesh.flaw_kinds
+    edges = edges[~np.isin(_edge_keys(edges, count) * 3 + kinds, kept)]  # 3 kinds of flaw
+    stuck = ~splittable[edges].any(axis=1)
+    on_stuck = np.isin(_edge_keys(_face_edges(faces), count),
+                       _edge_keys(edges[stuck], count)).reshape(-1, 3).any(axis=1)
+    double_area = np.linalg.norm(_face_normals(clustering.points, faces), axis=1)
+    sides = np.diff(clustering.points[faces[:, [0, 1, 2, 0]]], axis=1)
+    degenerate = 0.5 * double_area < \
+        DEGENERATE_AREA_FRACTION * (sides ** 2).sum(axis=2).max(axis=1)
+    component = np.zeros(count, np.int64)
+    component[clustering.labels] = mesh.components
+    vanished = np.setdiff1d(mesh.components[mesh.faces[:, 0]], component[faces])
+    flawed = np.unique(np.concatenate([
+        edges.reshape(-1), faces[on_stuck | degenerate].reshape(-1),
+        np.flatnonzero(np.isin(component, vanished))]))
+    return flawed[splittable[flawed]]
+
+
+def _split_cells(points: np.ndarray, clustering: _Clustering, cells: _Cells,
+                 split: np.ndarray) -> _Cells:
+    """The cells after cutting each cluster in `split` (distinct labels) out of its cell and in
+    two, across the middle of the longest side of its members' bounding box; both halves get
+    new cells."""
+    extent = clustering.member_high[split] - clustering.member_low[split]
+    axis = np.argmax(extent, axis=1)
+    rows = np.arange(len(split))
+    middle = clustering.member_low[split, axis] + 0.5 * extent[rows, axis]
+    old_low, old_high = cells.low[clustering.cells[split]], cells.high[clustering.cells[split]]
+    near_high, far_low = old_high.copy(), old_low.copy()
+    near_high[rows, axis] = middle
+    far_low[rows, axis] = middle
+    position = np.full(clustering.count, -1)
+    position[split] = rows
+    chosen = np.flatnonzero(position[clustering.labels] >= 0)
+    which = position[clustering.labels[chosen]]
+    far = points[chosen, axis[which]] > middle[which]
+    ids = cells.ids.copy()
+    ids[chosen] = len(cells.low) + 2 * which + far
+    return _Cells(ids=ids,
+                  low=np.concatenate([cells.low, np.stack([old_low, far_low], 1).reshape(-1, 3)]),
+                  high=np.concatenate([cells.high,
+                                       np.stack([near_high, old_high], 1).reshape(-1, 3)]))

@@ -14,8 +14,9 @@ from scipy.spatial.distance import pdist
 from scipy.spatial.transform import Rotation
 
 from pose_node.datasets.bop import default_lmo_root
-from pose_node.mesh import (MeshLoadError, load_models_info, load_object_model, points_diameter,
-                            sample_texture, symmetries_from_models_info)
+from pose_node.mesh import (MeshLoadError, decimate_by_clustering, load_models_info,
+                            load_object_model, points_diameter, sample_texture,
+                            symmetries_from_models_info)
 from pose_node.tools.make_demo_object import build_demo_object, main as write_demo_object
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,15 @@ DEMO_DIR = REPO / 'models' / 'demo_object'
 def demo():
     info = load_models_info(DEMO_DIR / 'models_info.json')
     return load_object_model(DEMO_DIR / 'obj_000001.ply', unit_scale=0.001, models_info=info[1])
+
+
+def lmo_model(obj_id: int):
+    folder = default_lmo_root() / 'models'
+    if not (folder / 'models_info.json').is_file():
+        pytest.skip(f'LM-O data not found at {folder}; checks against real meshes skipped')
+    info = load_models_info(folder / 'models_info.json')
+    return load_object_model(folder / f'obj_{obj_id:06d}.ply', unit_scale=0.001,
+                             models_info=info[obj_id])
 
 
 def signed_permutations() -> list[np.ndarray]:
@@ -216,7 +226,7 @@ def test_points_diameter_matches_brute_force_including_flat_sets():
     assert points_diameter(flat) == pytest.approx(pdist(flat).max())
 
 
-# --------------------------------------------------------------------------- sampling, decimation
+# --------------------------------------------------------------------------- sampling
 
 def test_sample_points_lie_on_surface(demo):
     points = demo.sample_points(500, np.random.default_rng(3))
@@ -240,23 +250,132 @@ def test_sample_points_are_area_weighted(tmp_path):
     assert (small[:, 0] >= -1e-9).all() and (2 * small[:, 0] + small[:, 1] <= 2 + 1e-9).all()
 
 
-@pytest.mark.parametrize('max_faces', [3000, 1500])
-def test_decimation_keeps_shape_and_colours(demo, max_faces):
-    small = demo.decimated(max_faces)
-    assert max_faces * 0.8 <= len(small.faces) <= max_faces
-    np.testing.assert_allclose(small.bbox_size, demo.bbox_size, rtol=0.02)
-    assert np.abs(small.bbox_min - demo.bbox_min).max() < 0.02 * demo.diameter
-    rng = np.random.default_rng(5)
-    _, distance, _ = trimesh.proximity.closest_point(demo.to_trimesh(),
-                                                     small.sample_points(1000, rng))
-    assert np.percentile(distance, 95) < 0.01 * demo.diameter
-    _, back, _ = trimesh.proximity.closest_point(small.to_trimesh(), demo.sample_points(1000, rng))
-    assert np.percentile(back, 95) < 0.01 * demo.diameter
-    _, nearest = cKDTree(demo.vertices).query(small.vertices)
-    colour_error = np.abs(small.vertex_colors - demo.vertex_colors[nearest]).max(axis=1)
-    assert np.median(colour_error) < 0.1
-    assert small.diameter == demo.diameter and small.has_colors
-    assert small.faces.max() < len(small.vertices)
+# --------------------------------------------------------------------------- decimation
+
+def edge_face_counts(faces: np.ndarray) -> np.ndarray:
+    """How many of the (F, 3) faces share each undirected edge."""
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    return np.unique(edges[:, 0] * (faces.max() + 1) + edges[:, 1], return_counts=True)[1]
+
+
+def area_over_longest_side_squared(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(F,) face area / longest side^2: 0 for collapsed faces, sqrt(3) / 4 for equilateral."""
+    corners = vertices[faces].astype(np.float64)
+    area = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0],
+                                         corners[:, 2] - corners[:, 0]), axis=1)
+    sides = corners - corners[:, [1, 2, 0]]
+    return area / (sides ** 2).sum(axis=2).max(axis=1)
+
+
+def percentile_surface_distance(points: np.ndarray, mesh: trimesh.Trimesh,
+                                q: float = 99.0) -> float:
+    _, distance, _ = trimesh.proximity.closest_point(mesh, points)
+    return float(np.percentile(distance, q))
+
+
+LMO_OBJECT_IDS = (1, 5, 6, 8, 9, 10, 11, 12)
+
+
+@pytest.mark.parametrize('name', ['demo'] + [f'lmo_{i}' for i in LMO_OBJECT_IDS])
+def test_decimation_is_manifold_close_and_keeps_attributes(demo, name):
+    model = demo if name == 'demo' else lmo_model(int(name.split('_')[1]))
+    full = model.to_trimesh()
+    assert full.is_watertight and edge_face_counts(model.faces).max() == 2
+    rng = np.random.default_rng(8)
+    for max_faces in (2000, 4000):
+        small = model.decimated(max_faces)
+        assert 0.9 * max_faces <= len(small.faces) <= max_faces
+        assert (edge_face_counts(small.faces) > 2).sum() == 0
+        assert area_over_longest_side_squared(small.vertices, small.faces).min() > 1e-5
+        mesh = small.to_trimesh()
+        assert mesh.is_watertight  # no holes either
+        assert mesh.is_winding_consistent or not full.is_winding_consistent
+        assert len(mesh.split(only_watertight=False)) == len(full.split(only_watertight=False))
+        assert mesh.volume == pytest.approx(full.volume, rel=0.02)
+        np.testing.assert_allclose(small.bbox_size, model.bbox_size, rtol=0.02)
+        assert np.abs(small.bbox_min - model.bbox_min).max() < 0.01 * model.diameter
+        assert percentile_surface_distance(small.sample_points(1000, rng), full) \
+            < 0.01 * model.diameter
+        assert percentile_surface_distance(model.sample_points(1000, rng), mesh) \
+            < 0.01 * model.diameter
+        _, nearest = cKDTree(model.vertices).query(small.vertices)
+        colour_error = np.abs(small.vertex_colors - model.vertex_colors[nearest]).max(axis=1)
+        assert np.median(colour_error) < 0.1
+        assert small.has_colors and small.name == model.name
+        assert small.diameter == model.diameter
+        np.testing.assert_array_equal(small.symmetries, model.symmetries)
+        assert small.faces.max() < len(small.vertices) and small.faces.dtype == np.int64
+
+
+def subdivided_box(extents, times: int) -> trimesh.Trimesh:
+    box = trimesh.creation.box(extents)
+    for _ in range(times):
+        box = box.subdivide()
+    return box
+
+
+def decimated_mesh(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+    vertices, faces, colors = decimate_by_clustering(
+        np.asarray(mesh.vertices), np.asarray(mesh.faces), np.full(mesh.vertices.shape, 0.5),
+        max_faces)
+    assert len(faces) <= max_faces and colors.shape == vertices.shape
+    return trimesh.Trimesh(vertices, faces, process=False)
+
+
+def test_decimation_keeps_parts_apart_across_a_narrow_gap():
+    # Two 20 mm cubes 0.5 mm apart, turned off the grid axes; at 200 faces the cells are
+    # several mm wide, and plain clustering glues the facing sides.
+    cube = subdivided_box([0.02, 0.02, 0.02], 4)
+    pair = trimesh.util.concatenate([cube, cube.copy().apply_translation([0.0205, 0.0, 0.0])])
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_rotvec([0.3, 0.5, 0.2]).as_matrix()
+    small = decimated_mesh(pair.apply_transform(turn), 200)
+    parts = small.split(only_watertight=False)
+    assert len(parts) == 2 and all(part.is_watertight for part in parts)
+    assert edge_face_counts(np.asarray(small.faces)).max() == 2
+    x_ranges = sorted(part.apply_transform(np.linalg.inv(turn)).bounds[:, 0].tolist()
+                      for part in parts)
+    np.testing.assert_allclose(x_ranges, [[-0.01, 0.01], [0.0105, 0.0305]], atol=2e-4)
+
+
+def test_decimation_keeps_both_sides_of_a_thin_wall():
+    plate = subdivided_box([0.04, 0.04, 0.0005], 5)  # 0.5 mm thick, far below the cell size
+    small = decimated_mesh(plate, 300)
+    assert small.is_watertight and small.is_winding_consistent
+    assert edge_face_counts(np.asarray(small.faces)).max() == 2
+    np.testing.assert_allclose(small.extents, [0.04, 0.04, 0.0005], rtol=1e-3)
+    for side in (1.0, -1.0):  # each side still faces its own way over (nearly) all its area
+        facing = side * small.face_normals[:, 2] > 0.99
+        assert small.area_faces[facing].sum() == pytest.approx(0.04 * 0.04, rel=0.02)
+
+
+def test_decimation_welds_vertices_split_at_one_point():
+    # Every face with its own three vertices, as loaders give at texture seams.
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.05)
+    soup = trimesh.Trimesh(sphere.triangles.reshape(-1, 3),
+                           np.arange(3 * len(sphere.faces)).reshape(-1, 3), process=False)
+    small = decimated_mesh(soup, 1000)
+    assert small.is_watertight and small.is_winding_consistent
+    assert len(small.faces) >= 900
+    radius = np.linalg.norm(small.triangles_center, axis=1)
+    assert np.abs(radius - 0.05).max() < 0.002
+
+
+def test_decimation_of_an_open_surface_keeps_its_rim():
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.05)
+    dome = trimesh.Trimesh(sphere.vertices, sphere.faces[sphere.triangles_center[:, 2] > 0],
+                           process=False)
+    small = decimated_mesh(dome, 500)
+    counts = edge_face_counts(np.asarray(small.faces))
+    assert counts.max() == 2 and (counts == 1).sum() > 20 and small.is_winding_consistent
+    rim_heights = [mesh.vertices[mesh.edges_sorted[trimesh.grouping.group_rows(
+        mesh.edges_sorted, require_count=1)]][..., 2] for mesh in (dome, small)]
+    assert rim_heights[1].max() <= rim_heights[0].max() + 0.002  # the rim stays at the cut
+
+
+def test_decimation_too_small_for_the_parts_raises_and_large_keeps_the_model(demo):
+    with pytest.raises(ValueError, match='manifold'):
+        demo.decimated(10)  # four closed parts need at least 16 faces
     assert demo.decimated(10 * len(demo.faces)) is demo
 
 
@@ -301,15 +420,6 @@ def test_continuous_symmetry_maps_cylinder_onto_itself(tmp_path):
     for sym in model.symmetries:
         distances, _ = tree.query(points @ sym[:3, :3].T + sym[:3, 3])
         assert distances.mean() < 0.01 * model.diameter
-
-
-def lmo_model(obj_id: int):
-    folder = default_lmo_root() / 'models'
-    if not (folder / 'models_info.json').is_file():
-        pytest.skip(f'LM-O data not found at {folder}; symmetry check against real meshes skipped')
-    info = load_models_info(folder / 'models_info.json')
-    return load_object_model(folder / f'obj_{obj_id:06d}.ply', unit_scale=0.001,
-                             models_info=info[obj_id])
 
 
 @pytest.mark.parametrize('obj_id', [10, 11])

@@ -302,10 +302,12 @@ def test_faces_behind_the_camera_are_dropped(soft, mesh, poses):
     (out.silhouette.sum() + out.rgb.sum()).backward()
     for image in (out.silhouette, out.rgb, out.depth, t.grad):
         assert torch.isfinite(image).all()
-    covered = out.depth[out.silhouette > 0.5]
-    assert len(covered) > 100 and (covered > soft.near).all()
     hard = soft.render_hard(mesh, R, t.detach(), K_batch, SIZE, SIZE)
     assert torch.isfinite(hard.rgb).all() and hard.silhouette.sum() > 100
+    # The soft silhouette can pass 0.5 just outside an outline corner; where a face truly covers
+    # the pixel centre, its depth lies in front of the near plane.
+    covered = out.depth[hard.silhouette > 0.5]
+    assert len(covered) > 100 and (covered > soft.near).all()
 
 
 def test_lambert_flat_shading_matches_trimesh_normals(model, mesh, scene, poses):

@@ -12,11 +12,11 @@ How it renders, and why:
   fx != fy and any principal point without touching the sensor, and depth stays camera z.
   Mitsuba's camera looks along +z with x left and y up, hence the extra flip of x and y.
 - Area emitters shine on the side their shading normal faces only, so vertex normals are set to
-  point at the camera: any winding renders (decimated meshes are not consistently oriented).
+  point at the camera: any winding renders (some scanned meshes are not consistently oriented).
 - Projective sampling needs a manifold mesh: where edges shared by more than two faces lie on
-  the outline, the silhouette gradient there comes out too large (measured 1.7x along the demo
-  object's cone rim, which clustering decimation glues to the body; the undecimated mesh and a
-  per-component decimation give the reference's gradient). A warning names such meshes.
+  the outline, the silhouette gradient there comes out too large (measured 1.7x along a cone rim
+  glued to a body by an earlier, non-manifold decimation). A warning names such meshes;
+  ``ObjectModel.decimated`` keeps meshes manifold.
 - Forward: one ray-cast pass of our own, ``grid`` x ``grid`` stratified rays per pixel, gives
   silhouette, colour and depth together (pixel-area averages, like the ray-cast reference's
   supersampling). Backward: Mitsuba's ``render_backward`` with ``spp`` samples per pixel, once
@@ -250,8 +250,8 @@ class _MeshScene:
             warnings.warn(
                 f'mesh {mesh.name!r}: {shared} edges are shared by more than two faces; '
                 'Mitsuba overestimates silhouette gradients where they lie on the outline '
-                '(keep decimated meshes manifold, e.g. decimate each connected component on '
-                'its own)', RuntimeWarning, stacklevel=4)
+                '(repair the mesh, or decimate it with ObjectModel.decimated, which keeps it '
+                'manifold)', RuntimeWarning, stacklevel=4)
         props = mi.Properties()
         props['emitter'] = mi.load_dict({
             'type': 'area', 'radiance': {'type': 'mesh_attribute', 'name': 'vertex_color'}})
