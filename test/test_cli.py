@@ -50,6 +50,8 @@ def test_demo_sends_frames_over_dds_and_draws_the_overlays(tmp_path):
     assert values['frames'] == '2'
     assert float(values['image_max_abs_diff']) == 0          # pixels survive DDS and conversion
     assert float(values['start_rot_err_deg']) == pytest.approx(15.0, abs=0.05)
+    assert float(values['median_rot_err_deg']) < 1.0          # refinement recovers the pose
+    assert float(values['median_trans_err_mm']) < 5.0
     overlay = cv2.imread(str(tmp_path / 'demo_overlay.png'))[..., ::-1]
     assert overlay.shape == (480, 640, 3)
     green = (overlay[..., 1] > 200) & (overlay[..., 0] < 80) & (overlay[..., 2] < 80)

@@ -3,8 +3,10 @@
 1. Ray-cast the demo object at known poses into synthetic 640x480 frames (cluttered background).
 2. Send image, CameraInfo and the true PoseStamped from a camera node to a listener node over real
    ROS 2 (Fast DDS), and convert what arrives back into core types (checked against what was sent).
-3. Score the kind of start the refiner gets (truth rotated 15 deg, moved 10 % of the distance) with
-   the metrics, and draw truth and start onto the frame.
+3. Refine a start 15 deg and 10 % of the distance off the truth against each received frame
+   (render-and-compare, the default optimizer on the soft renderer; the object's binary mask plays
+   the upstream segmenter's), score start and result with the metrics, and draw start, truth and
+   refined pose onto the frame.
 4. With the LM-O data present: overlay the ground truth of a real LM-O frame and check the
    projections against the dataset's boxes and visible fractions.
 Until the node exists (issue 5) this is the closest working thing to the main job.
@@ -16,14 +18,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from pose_node import metrics
 from pose_node.datasets.bop import BopDataset, default_lmo_root
-from pose_node.datasets.refine_cases import projected_box
+from pose_node.datasets.refine_cases import crop_case, perturbed_start, projected_box
 from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
-from pose_node.geometry import make_pose, perturb_pose
+from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel, load_models_info, load_object_model
 from pose_node.overlay import draw_axes, draw_mask_contour
+from pose_node.refine import make_observation, make_optimizer, refine
+from pose_node.render import RenderMesh, make_renderer
 from pose_node.render.raycast import RaycastScene
 from pose_node.resources import demo_object_dir
 
@@ -31,7 +36,8 @@ WIDTH, HEIGHT = 640, 480
 K_DEMO = np.array([[600.0, 0.0, 319.5], [0.0, 600.0, 239.5], [0.0, 0.0, 1.0]])
 START_ROT_DEG, START_TRANS_FRAC = 15.0, 0.10
 DISTANCE_RANGE = (0.4, 0.6)
-TRUE_COLOR, START_COLOR = (40, 220, 40), (230, 60, 40)
+TRUE_COLOR, START_COLOR, REFINED_COLOR = (40, 220, 40), (230, 60, 40), (255, 230, 0)
+CROP_SIZE, RENDER_MAX_FACES = 128, 4000
 
 
 def register(subparsers) -> None:
@@ -123,8 +129,23 @@ class RosLink:
         self._rclpy.try_shutdown()
 
 
+def pose_errors(R_e: np.ndarray, t_e: np.ndarray, R_g: np.ndarray, t_g: np.ndarray,
+                model: ObjectModel, points: np.ndarray, K: np.ndarray, prefix: str) -> dict:
+    """The metrics of one estimate, keyed ``<prefix>_<metric>`` (degrees, millimetres, pixels)."""
+    return {f'{prefix}_{key}': value for key, value in {
+        'rot_err_deg': np.rad2deg(metrics.rotation_error(R_e, R_g)),
+        'trans_err_mm': 1000 * metrics.translation_error(t_e, t_g),
+        'add_mm': 1000 * metrics.add(R_e, t_e, R_g, t_g, points),
+        'mssd_mm': 1000 * metrics.mssd(R_e, t_e, R_g, t_g, points, model.symmetries),
+        'mspd_px': metrics.mspd(R_e, t_e, R_g, t_g, K, points, model.symmetries),
+        'speed': metrics.speed_score(R_e, t_e, R_g, t_g),
+    }.items()}
+
+
 def run_synthetic(model: ObjectModel, n_frames: int, rng: np.random.Generator,
                   out_dir: Path) -> dict:
+    """Send frames over DDS, then refine a 15 deg / 10 % start against each received frame with
+    the default optimizer (the object's mask plays the upstream segmenter's)."""
     from std_msgs.msg import Header
 
     from pose_node.ros.conversions import (camera_info_msg_to_camera, camera_to_camera_info_msg,
@@ -133,6 +154,9 @@ def run_synthetic(model: ObjectModel, n_frames: int, rng: np.random.Generator,
 
     scene = RaycastScene([model])
     points = model.sample_points(2000, rng)
+    device = torch.device('cpu')
+    mesh = RenderMesh.from_model(model, device, max_faces=RENDER_MAX_FACES)
+    renderer = make_renderer('soft', device)
     link = RosLink()
     rows = []
     try:
@@ -149,35 +173,47 @@ def run_synthetic(model: ObjectModel, n_frames: int, rng: np.random.Generator,
             rgb = (image_msg_to_rgb(received['image']) * 255).round().astype(np.uint8)
             camera = camera_info_msg_to_camera(received['camera_info'], use_rectified=True)
             true_pose = msg_to_pose(received['pose'].pose)
+            start_pose = perturbed_start(true_pose, START_ROT_DEG, START_TRANS_FRAC, rng)
+            case = crop_case(f'demo/{index}', model, rgb.astype(np.float32) / 255, frame.mask,
+                             np.zeros_like(frame.mask), camera.K, true_pose, start_pose,
+                             CROP_SIZE, 1.0)
+            result = refine(make_observation(case.image, case.mask, case.K, case.ignore,
+                                             device=device),
+                            mesh, start_pose[None], renderer, optimizer=make_optimizer('default'))
+            refined_pose = result.pose.double().numpy()
             R_g, t_g = true_pose[:3, :3], true_pose[:3, 3]
-            R_s, t_s = perturb_pose(R_g, t_g, np.deg2rad(START_ROT_DEG), START_TRANS_FRAC, rng)
             row = {
                 'image_max_abs_diff': int(np.abs(rgb.astype(int) - frame.rgb).max()),
                 'K_max_abs_diff': float(np.abs(camera.K - K_DEMO).max()),
                 'pose_max_abs_diff': float(np.abs(true_pose - frame.pose).max()),
                 'latency_ms': latency_ms,
-                'start_rot_err_deg': np.rad2deg(metrics.rotation_error(R_s, R_g)),
-                'start_trans_err_mm': 1000 * metrics.translation_error(t_s, t_g),
-                'start_add_mm': 1000 * metrics.add(R_s, t_s, R_g, t_g, points),
-                'start_mssd_mm': 1000 * metrics.mssd(R_s, t_s, R_g, t_g, points, model.symmetries),
-                'start_mspd_px': metrics.mspd(R_s, t_s, R_g, t_g, camera.K, points,
-                                              model.symmetries),
-                'start_speed': metrics.speed_score(R_s, t_s, R_g, t_g),
+                'refine_ms': result.elapsed_ms,
+                'score': result.score,
+                **pose_errors(start_pose[:3, :3], start_pose[:3, 3], R_g, t_g, model, points,
+                              camera.K, 'start'),
+                **pose_errors(refined_pose[:3, :3], refined_pose[:3, 3], R_g, t_g, model, points,
+                              camera.K, 'refined'),
             }
             rows.append(row)
-            print(f'frame {index}: DDS round trip {latency_ms:6.1f} ms, image diff '
-                  f'{row["image_max_abs_diff"]}, pose diff {row["pose_max_abs_diff"]:.1e} | start: '
-                  f'{row["start_rot_err_deg"]:.1f} deg, {row["start_trans_err_mm"]:.1f} mm, '
-                  f'ADD {row["start_add_mm"]:.1f} mm, MSSD {row["start_mssd_mm"]:.1f} mm, '
-                  f'MSPD {row["start_mspd_px"]:.1f} px, SPEED {row["start_speed"]:.3f}')
-        start_mask = scene.render(make_pose(R_s, t_s)[None], camera.K, WIDTH, HEIGHT).coverage[0]
+            print(f'frame {index}: DDS round trip {latency_ms:5.1f} ms, image diff '
+                  f'{row["image_max_abs_diff"]}, pose diff {row["pose_max_abs_diff"]:.0e} | '
+                  f'start {row["start_rot_err_deg"]:.1f} deg {row["start_trans_err_mm"]:.1f} mm '
+                  f'ADD {row["start_add_mm"]:.1f} mm -> refined {row["refined_rot_err_deg"]:.3f} '
+                  f'deg {row["refined_trans_err_mm"]:.2f} mm ADD {row["refined_add_mm"]:.2f} mm '
+                  f'MSSD {row["refined_mssd_mm"]:.2f} mm MSPD {row["refined_mspd_px"]:.2f} px '
+                  f'SPEED {row["refined_speed"]:.4f} IoU {result.score:.3f} '
+                  f'in {result.elapsed_ms:.0f} ms')
         overlay = rgb.copy()
-        draw_mask_contour(overlay, frame.mask, TRUE_COLOR)
-        draw_mask_contour(overlay, start_mask >= 0.5, START_COLOR)
-        draw_axes(overlay, camera.K, R_g, t_g, length=0.5 * model.diameter)
+        for pose, color in ((start_pose, START_COLOR), (true_pose, TRUE_COLOR),
+                            (refined_pose, REFINED_COLOR)):
+            silhouette = scene.render(pose[None], camera.K, WIDTH, HEIGHT).coverage[0] >= 0.5
+            draw_mask_contour(overlay, silhouette, color, thickness=1 if color is REFINED_COLOR
+                              else 2)
+        draw_axes(overlay, camera.K, refined_pose[:3, :3], refined_pose[:3, 3],
+                  length=0.5 * model.diameter)
         path = out_dir / 'demo_overlay.png'
         cv2.imwrite(str(path), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-        print(f'wrote {path} (green: truth, red: a 15 deg / 10 % start)')
+        print(f'wrote {path} (red: the 15 deg / 10 % start, green: truth, yellow: refined)')
     finally:
         link.close()
     return {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
@@ -228,5 +264,8 @@ def run(args: argparse.Namespace) -> int:
           f'image_max_abs_diff={summary["image_max_abs_diff"]:.0f} '
           f'start_rot_err_deg={summary["start_rot_err_deg"]:.1f} '
           f'start_add_mm={summary["start_add_mm"]:.1f} '
+          f'median_rot_err_deg={summary["refined_rot_err_deg"]:.3f} '
+          f'median_trans_err_mm={summary["refined_trans_err_mm"]:.2f} '
+          f'median_refine_ms={summary["refine_ms"]:.0f} '
           f'lmo_box_err_px_max={summary.get("lmo_box_err_px_max", float("nan")):.1f}')
     return 0
