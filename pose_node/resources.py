@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+from pose_node.mesh import ObjectModel, load_models_info, load_object_model
+
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,11 @@ def share_dir() -> Path:
 def demo_object_dir() -> Path:
     """BOP-style folder of the embedded demo object (mesh in millimetres + models_info.json)."""
     return share_dir() / 'models' / 'demo_object'
+
+
+def load_demo_object() -> ObjectModel:
+    """The embedded demo object, in metres, as shipped (5664 faces)."""
+    folder = demo_object_dir()
+    info = load_models_info(folder / 'models_info.json')[1]
+    return load_object_model(folder / 'obj_000001.ply', name='demo_object', unit_scale=0.001,
+                             models_info=info)

@@ -26,7 +26,7 @@ from pose_node.refine.parametrization import (TranslationScale, apply_increment,
                                               rotation_to_params, translation_to_params)
 from pose_node.render import BACKENDS, RenderMesh, make_renderer
 from pose_node.render.raycast import RaycastScene
-from pose_node.tools.demo import load_demo_object
+from pose_node.resources import load_demo_object
 
 CROP = 96
 FACES = 1000

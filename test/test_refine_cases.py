@@ -6,7 +6,7 @@ from pose_node.datasets.bop import BopDataset, default_lmo_root
 from pose_node.datasets.refine_cases import lmo_cases, synthetic_cases
 from pose_node.geometry import rotation_angle_between
 from pose_node.render.raycast import RaycastScene
-from pose_node.tools.demo import load_demo_object
+from pose_node.resources import load_demo_object
 
 
 def silhouette(case, supersample=1) -> np.ndarray:

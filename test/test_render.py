@@ -19,13 +19,12 @@ from scipy.spatial.transform import Rotation
 from trimesh.ray.ray_pyembree import RayMeshIntersector
 
 from pose_node.geometry import axis_angle_to_matrix
-from pose_node.mesh import ObjectModel, load_models_info, load_object_model
+from pose_node.mesh import ObjectModel
 from pose_node.render import BACKENDS, RenderMesh, Shading, make_renderer
 from pose_node.render.raycast import RaycastScene
 from pose_node.render.soft import SoftRenderer
-from pose_node.resources import demo_object_dir
+from pose_node.resources import load_demo_object
 
-MODEL_DIR = demo_object_dir()
 SIZE = 128
 FOCAL = 280.0
 K = np.array([[FOCAL, 0.0, (SIZE - 1) / 2], [0.0, FOCAL, (SIZE - 1) / 2], [0.0, 0.0, 1.0]])
@@ -62,9 +61,7 @@ GRADIENT_CHECKS = {
 
 @pytest.fixture(scope='module')
 def model() -> ObjectModel:
-    info = load_models_info(MODEL_DIR / 'models_info.json')[1]
-    full = load_object_model(MODEL_DIR / 'obj_000001.ply', unit_scale=0.001, models_info=info)
-    return full.decimated(MAX_FACES)
+    return load_demo_object().decimated(MAX_FACES)
 
 
 @pytest.fixture(scope='module')

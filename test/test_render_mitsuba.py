@@ -13,14 +13,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from pose_node.mesh import load_models_info, load_object_model
 from pose_node.render import RenderMesh, Shading
 from pose_node.render import mitsuba_backend
 from pose_node.render.mitsuba_backend import (LIBLLVM_ENV, MitsubaRenderer, configure_drjit_llvm,
                                               find_libllvm, non_manifold_edge_count,
                                               probe_mitsuba)
 from pose_node.render.raycast import RaycastScene
-from pose_node.resources import demo_object_dir
+from pose_node.resources import load_demo_object
 
 VARIANT = 'llvm_ad_rgb'
 MAX_FACES = 2000
@@ -33,9 +32,7 @@ differences; a misplaced edge or a doubly counted one (as on non-manifold meshes
 @pytest.fixture(scope='module')
 def full_model():
     """The demo object as shipped: 5664 faces, four closed manifold parts."""
-    info = load_models_info(demo_object_dir() / 'models_info.json')[1]
-    return load_object_model(demo_object_dir() / 'obj_000001.ply', unit_scale=0.001,
-                             models_info=info)
+    return load_demo_object()
 
 
 @pytest.fixture(scope='module')

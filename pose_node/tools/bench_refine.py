@@ -21,6 +21,7 @@ from pose_node.datasets.refine_cases import RefineCase, lmo_cases, synthetic_cas
 from pose_node.mesh import ObjectModel
 from pose_node.refine import LossConfig, OPTIMIZERS, make_observation, make_optimizer, refine
 from pose_node.render import BACKENDS, RenderMesh, make_renderer
+from pose_node.resources import load_demo_object
 
 SUCCESS_ROT_DEG, SUCCESS_TRANS_FRAC = 2.0, 0.02
 ADD_S_THRESHOLD = 0.1  # of the diameter
@@ -55,7 +56,6 @@ def register(subparsers) -> None:
 
 def build_cases(args: argparse.Namespace, rng: np.random.Generator) -> list[RefineCase]:
     if args.scenario == 'synthetic':
-        from pose_node.tools.demo import load_demo_object
         return list(synthetic_cases(load_demo_object(), args.n, args.init_rot_deg,
                                     args.init_trans_frac, args.size, rng))
     dataset = BopDataset(args.lmo_root or default_lmo_root())

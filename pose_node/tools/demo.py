@@ -25,12 +25,12 @@ from pose_node.datasets.bop import BopDataset, default_lmo_root
 from pose_node.datasets.refine_cases import crop_case, perturbed_start, projected_box
 from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
 from pose_node.geometry import make_pose
-from pose_node.mesh import ObjectModel, load_models_info, load_object_model
+from pose_node.mesh import ObjectModel
 from pose_node.overlay import draw_axes, draw_mask_contour
 from pose_node.refine import make_observation, make_optimizer, refine
 from pose_node.render import RenderMesh, make_renderer
 from pose_node.render.raycast import RaycastScene
-from pose_node.resources import demo_object_dir
+from pose_node.resources import load_demo_object
 
 WIDTH, HEIGHT = 640, 480
 K_DEMO = np.array([[600.0, 0.0, 319.5], [0.0, 600.0, 239.5], [0.0, 0.0, 1.0]])
@@ -50,13 +50,6 @@ def register(subparsers) -> None:
     parser.add_argument('--lmo-root', type=Path, default=None,
                         help='LM-O folder (default: $POSE_NODE_LMO_ROOT or ../shared/data/lmo)')
     parser.set_defaults(func=run)
-
-
-def load_demo_object() -> ObjectModel:
-    folder = demo_object_dir()
-    info = load_models_info(folder / 'models_info.json')[1]
-    return load_object_model(folder / 'obj_000001.ply', name='demo_object', unit_scale=0.001,
-                             models_info=info)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pose_node.datasets.bop import BOP_UNIT_SCALE
 from pose_node.datasets.synth import OutputLayout, SynthConfig, SynthObject, generate_dataset
 from pose_node.mesh import load_models_info, load_object_model
 from pose_node.resources import demo_object_dir
-from pose_node.tools.demo import load_demo_object
+from pose_node.resources import load_demo_object
 
 DEFAULT_FOCAL_PER_WIDTH = 0.9375
 """Default fx = fy as a multiple of the width: 600 px at 640 px, a 56 deg horizontal view."""
