@@ -69,6 +69,11 @@ class ObjectModel:
         return self.bbox_max - self.bbox_min
 
     @property
+    def bbox_centre(self) -> np.ndarray:
+        """(3,) float64, metres: centre of the axis-aligned bounding box."""
+        return 0.5 * (self.bbox_min + self.bbox_max)
+
+    @property
     def extents(self) -> np.ndarray:
         """(3,) float64, metres: `bbox_size` under trimesh's name for it."""
         return self.bbox_size

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from pose_node.datasets.bop import BOP_UNIT_SCALE
 from pose_node.mesh import ObjectModel, load_models_info, load_object_model
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -38,5 +39,5 @@ def load_demo_object() -> ObjectModel:
     """The embedded demo object, in metres, as shipped (5664 faces)."""
     folder = demo_object_dir()
     info = load_models_info(folder / 'models_info.json')[1]
-    return load_object_model(folder / 'obj_000001.ply', name='demo_object', unit_scale=0.001,
+    return load_object_model(folder / 'obj_000001.ply', name='demo_object', unit_scale=BOP_UNIT_SCALE,
                              models_info=info)

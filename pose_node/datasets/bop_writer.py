@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 import trimesh
 
+from pose_node.datasets.bop import BOP_UNIT_SCALE
 from pose_node.mesh import ObjectModel
 
-MM_PER_M = 1000.0
+MM_PER_M = 1.0 / BOP_UNIT_SCALE
 RGB_FORMATS = ('png', 'jpg')
 JPEG_QUALITY = 95
 _MODEL_INFO_KEYS_KEPT = ('symmetries_discrete', 'symmetries_continuous')

@@ -22,7 +22,7 @@ from pose_node.camera import crop_image, crop_transform, project_points, square_
 from pose_node.datasets.bop import BopDataset
 from pose_node.datasets.synthetic import photometric_noise, procedural_background, \
     random_pose_in_view
-from pose_node.geometry import make_pose, perturb_pose
+from pose_node.geometry import make_pose, perturb_pose, transform_points
 from pose_node.mesh import ObjectModel
 from pose_node.render.raycast import RaycastScene
 
@@ -130,7 +130,7 @@ def _mask_box(mask: np.ndarray) -> np.ndarray:
 
 def projected_box(model: ObjectModel, pose: np.ndarray, K: np.ndarray) -> np.ndarray:
     """(x, y, w, h) box of the projected model vertices at ``pose``, as BOP computes ``bbox_obj``."""
-    uv = project_points(K, model.vertices @ pose[:3, :3].T + pose[:3, 3])
+    uv = project_points(K, transform_points(pose, model.vertices))
     low, high = uv.min(axis=0), uv.max(axis=0)
     return np.concatenate([low, high - low])
 

@@ -196,7 +196,7 @@ def viewpoint_pose(model: ObjectModel, elevation: float, azimuth: float, inplane
                      np.sin(elevation)])
     R = (rotation_between(np.array([0.0, 0.0, 1.0]), ray)
          @ axis_angle_to_matrix(np.array([0.0, 0.0, inplane])) @ look_at_rotation(view))
-    centre = 0.5 * (model.bbox_min + model.bbox_max)
+    centre = model.bbox_centre
     return make_pose(R, distance * ray - R @ centre)
 
 
@@ -284,7 +284,7 @@ def rescaled_model(model: ObjectModel, diameter: float, color: np.ndarray) -> Ob
     """``model`` centred on its bounding box and scaled to ``diameter`` metres; coloured
     ``color`` (3,) when it has no colours of its own."""
     scale = diameter / model.diameter
-    vertices = (model.vertices - 0.5 * (model.bbox_min + model.bbox_max)) * scale
+    vertices = (model.vertices - model.bbox_centre) * scale
     colors = model.vertex_colors if model.has_colors else \
         np.broadcast_to(color, model.vertices.shape)
     return replace(model, vertices=vertices.astype(np.float32),
@@ -294,7 +294,7 @@ def rescaled_model(model: ObjectModel, diameter: float, color: np.ndarray) -> Ob
 
 def reach(model: ObjectModel) -> float:
     """Metres from the model's bounding-box centre to its farthest vertex."""
-    centre = 0.5 * (model.bbox_min + model.bbox_max)
+    centre = model.bbox_centre
     return float(np.linalg.norm(model.vertices - centre, axis=1).max())
 
 

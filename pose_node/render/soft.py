@@ -265,11 +265,6 @@ class _Contour:
     reach_low: torch.Tensor
     reach_high: torch.Tensor
 
-    @property
-    def edge_count(self) -> torch.Tensor:
-        """(B*F,) number of contour edges near each posed face."""
-        return self.edge_offsets[1:] - self.edge_offsets[:-1]
-
 
 def _contour(posed: _PosedFaces, topology: MeshTopology, batch: int, reach: float) -> _Contour:
     """The contour edges (edges of a visible face shared with no other visible face) of the posed
