@@ -75,6 +75,13 @@ def frame_poses(frame) -> np.ndarray:
     return np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
 
 
+def ray_cast_labels(dataset: BopDataset, frame) -> np.ndarray:
+    """(H, W) z-buffer labels of the frame's objects alone (no occluders), by the ray caster."""
+    poses = frame_poses(frame)
+    return RaycastScene([dataset.load_model(1)] * len(poses)).render(
+        poses, frame.K, WIDTH, HEIGHT).labels
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*'))
             if p.is_file()}
@@ -143,10 +150,8 @@ def test_masks_equal_ray_cast_silhouettes(occluded):
 def test_unoccluded_visible_masks_equal_the_ray_cast_z_buffer(unoccluded):
     dataset = BopDataset(unoccluded, split='train')
     for frame in dataset.frames():
-        poses = frame_poses(frame)
-        labels = RaycastScene([dataset.load_model(1)] * len(poses)).render(
-            poses, frame.K, WIDTH, HEIGHT).labels
-        for index in range(len(poses)):
+        labels = ray_cast_labels(dataset, frame)
+        for index in range(len(frame.instances)):
             _, visible = instance_masks(unoccluded, frame, index)
             assert np.count_nonzero(visible != (labels == index + 1)) <= EDGE_TOLERANCE_PX
 
@@ -156,10 +161,8 @@ def test_occluders_only_remove_visible_pixels_and_do_remove_some(occluded):
     dataset = BopDataset(root, split='train')
     hidden_by_occluders = []
     for frame in dataset.frames():
-        poses = frame_poses(frame)
-        labels = RaycastScene([dataset.load_model(1)] * len(poses)).render(
-            poses, frame.K, WIDTH, HEIGHT).labels
-        for index in range(len(poses)):
+        labels = ray_cast_labels(dataset, frame)
+        for index in range(len(frame.instances)):
             full, visible = instance_masks(root, frame, index)
             assert not np.any(visible & ~full)
             unoccluded_visible = labels == index + 1

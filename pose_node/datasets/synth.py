@@ -45,6 +45,7 @@ import trimesh
 
 from pose_node.camera import crop_transform, transform_intrinsics
 from pose_node.datasets import bop_writer
+from pose_node.datasets.refine_cases import projected_box
 from pose_node.datasets.synthetic import photometric_noise, procedural_background
 from pose_node.geometry import axis_angle_to_matrix, make_pose, random_rotations
 from pose_node.mesh import ObjectModel, points_diameter
@@ -332,9 +333,9 @@ def pixel_box(model: ObjectModel, pose: np.ndarray, K: np.ndarray,
               margin: int = 1) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) inclusive pixel box of every pixel centre in the model's projection,
     widened by ``margin`` pixels (which samples off the centre may reach)."""
-    image = (model.vertices.astype(np.float64) @ pose[:3, :3].T + pose[:3, 3]) @ K.T
-    uv = image[:, :2] / image[:, 2:]
-    low, high = np.ceil(uv.min(axis=0)).astype(int), np.floor(uv.max(axis=0)).astype(int)
+    x, y, w, h = projected_box(model, pose, K)
+    low = np.ceil([x, y]).astype(int)
+    high = np.floor([x + w, y + h]).astype(int)
     return (int(low[0]) - margin, int(low[1]) - margin, int(high[0]) + margin,
             int(high[1]) + margin)
 
