@@ -12,7 +12,7 @@ import torch
 
 from pose_node.datasets import bop_writer
 from pose_node.datasets.bop import BopDataset
-from pose_node.datasets.refine_cases import projected_box
+from pose_node.crop import projected_box
 from pose_node.datasets.synth import SynthConfig, box_intrinsics, downsample, generate_dataset, \
     look_at_rotation, sample_object_pose, synthesize_image, viewpoint_pose
 from pose_node.geometry import make_pose

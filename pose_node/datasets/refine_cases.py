@@ -17,16 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pose_node.camera import crop_image, crop_transform, project_points, square_box_around, \
-    transform_intrinsics
+from pose_node.camera import crop_transform, square_box_around, transform_intrinsics
+from pose_node.crop import CROP_SCALE, cut_crop, mask_box, projected_box, union_box
 from pose_node.datasets.bop import BopDataset
 from pose_node.datasets.synthetic import photometric_noise, procedural_background, \
     random_pose_in_view
-from pose_node.geometry import make_pose, perturb_pose, transform_points
+from pose_node.geometry import make_pose, perturb_pose
 from pose_node.mesh import ObjectModel
 from pose_node.render.raycast import RaycastScene
 
-CROP_SCALE = 1.2
 SYNTHETIC_K = np.array([[600.0, 0.0, 319.5], [0.0, 600.0, 239.5], [0.0, 0.0, 1.0]])
 
 
@@ -62,18 +61,11 @@ def crop_case(name: str, model: ObjectModel, rgb: np.ndarray, visible: np.ndarra
     rgb (H, W, 3) float32; visible, others (H, W) bool: this object's and other objects' visible
     masks; K (3, 3) of the full frame.
     """
-    box = square_box_around(_union_box(_mask_box(visible),
-                                       projected_box(model, start_pose, K)), CROP_SCALE)
-    out = (size, size)
-    inside_image = np.ones(visible.shape, np.float32)
-    crop_K = transform_intrinsics(K, crop_transform(box, out))
-    return RefineCase(
-        name=name, model=model,
-        image=crop_image(rgb, box, out),
-        mask=crop_image(visible.astype(np.float32), box, out),
-        ignore=(crop_image(others.astype(np.float32), box, out) > 0.5)
-        | (crop_image(inside_image, box, out) < 0.5),
-        K=crop_K, true_pose=true_pose, start_pose=start_pose, visib_fract=visib_fract)
+    crop = cut_crop(rgb, K, union_box(mask_box(visible), projected_box(model, start_pose, K)),
+                    size, mask=visible, others=others, scale=CROP_SCALE)
+    return RefineCase(name=name, model=model, image=crop.image, mask=crop.mask,
+                      ignore=crop.ignore, K=crop.K, true_pose=true_pose, start_pose=start_pose,
+                      visib_fract=visib_fract)
 
 
 def synthetic_cases(model: ObjectModel, n: int, rot_deg: float, trans_frac: float, size: int,
@@ -88,7 +80,7 @@ def synthetic_cases(model: ObjectModel, n: int, rot_deg: float, trans_frac: floa
     for index in range(n):
         true_pose = random_pose_in_view(rng, distance_range)
         start = perturbed_start(true_pose, rot_deg, trans_frac, rng)
-        box = square_box_around(_union_box(projected_box(model, true_pose, SYNTHETIC_K),
+        box = square_box_around(union_box(projected_box(model, true_pose, SYNTHETIC_K),
                                            projected_box(model, start, SYNTHETIC_K)), CROP_SCALE)
         K = transform_intrinsics(SYNTHETIC_K, crop_transform(box, (size, size)))
         rendered = scene.render(true_pose[None], K, size, size, supersample=4)
@@ -120,25 +112,6 @@ def lmo_cases(dataset: BopDataset, image_ids: list[int], rot_deg: float, trans_f
             start = perturbed_start(poses[index], rot_deg, trans_frac, rng)
             yield crop_case(f'lmo/{frame.image_id}/obj{inst.obj_id}', model, rgb, visible, others,
                             frame.K, poses[index], start, size, inst.visib_fract)
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    """(x, y, w, h) continuous box around the pixels of ``mask`` (pixel edges included)."""
-    rows, cols = np.nonzero(mask)
-    return np.array([cols.min() - 0.5, rows.min() - 0.5, np.ptp(cols) + 1.0, np.ptp(rows) + 1.0])
-
-
-def projected_box(model: ObjectModel, pose: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """(x, y, w, h) box of the projected model vertices at ``pose``, as BOP computes ``bbox_obj``."""
-    uv = project_points(K, transform_points(pose, model.vertices))
-    low, high = uv.min(axis=0), uv.max(axis=0)
-    return np.concatenate([low, high - low])
-
-
-def _union_box(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    low = np.minimum(a[:2], b[:2])
-    high = np.maximum(a[:2] + a[2:], b[:2] + b[2:])
-    return np.concatenate([low, high - low])
 
 
 def _box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:

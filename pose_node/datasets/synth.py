@@ -45,7 +45,7 @@ import trimesh
 
 from pose_node.camera import crop_transform, transform_intrinsics
 from pose_node.datasets import bop_writer
-from pose_node.datasets.refine_cases import projected_box
+from pose_node.crop import projected_box
 from pose_node.datasets.synthetic import photometric_noise, procedural_background
 from pose_node.geometry import axis_angle_to_matrix, make_pose, random_rotations
 from pose_node.mesh import ObjectModel, points_diameter

@@ -22,7 +22,8 @@ import torch
 
 from pose_node import metrics
 from pose_node.datasets.bop import BopDataset, default_lmo_root
-from pose_node.datasets.refine_cases import crop_case, perturbed_start, projected_box
+from pose_node.crop import projected_box
+from pose_node.datasets.refine_cases import crop_case, perturbed_start
 from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
 from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel
