@@ -1,0 +1,135 @@
+"""The pipeline API on ray-cast frames of the demo object: tracking from a prior, detection through
+a coarse estimator, and the input checks."""
+import numpy as np
+import pytest
+import torch
+
+from pose_node import metrics
+from pose_node.coarse import Hypotheses
+from pose_node.datasets.refine_cases import SYNTHETIC_K, perturbed_start
+from pose_node.datasets.synthetic import procedural_background
+from pose_node.geometry import make_pose, random_rotations
+from pose_node.pipeline import Pipeline, PipelineConfig, plausible_pose
+from pose_node.render.raycast import RaycastScene
+from pose_node.resources import load_demo_object
+
+WIDTH, HEIGHT = 640, 480
+
+
+@pytest.fixture(scope='module')
+def model():
+    return load_demo_object()
+
+
+@pytest.fixture(scope='module')
+def pipeline(model):
+    torch.set_num_threads(1)
+    return Pipeline([model], torch.device('cpu'))
+
+
+@pytest.fixture(scope='module')
+def frame(model):
+    """A frame (image (H, W, 3) float32, visible mask (H, W), true pose (4, 4))."""
+    rng = np.random.default_rng(3)
+    pose = make_pose(random_rotations(1, rng)[0], np.array([0.03, -0.02, 0.5]))
+    rendered = RaycastScene([model]).render(pose[None], SYNTHETIC_K, WIDTH, HEIGHT, supersample=2)
+    coverage = rendered.coverage[0]
+    image = rendered.rgb * coverage[..., None] \
+        + (1 - coverage[..., None]) * procedural_background(WIDTH, HEIGHT, rng)
+    return image.astype(np.float32), coverage, pose
+
+
+class PerturbedTruth:
+    """A coarse estimator that proposes the truth turned by a known angle (the protocol's
+    contract without a trained model)."""
+
+    def __init__(self, pose: np.ndarray, degrees: float):
+        self.start = perturbed_start(pose, degrees, 0.05, np.random.default_rng(0))
+
+    def hypotheses(self, crop, top_k):
+        return Hypotheses(R=self.start[None, :3, :3], t=self.start[None, :3, 3],
+                          scores=np.ones(1), source='test')
+
+
+def errors(estimate, pose) -> tuple[float, float]:
+    """Rotation error in degrees and translation error in mm."""
+    return (float(np.rad2deg(metrics.rotation_error(estimate.R, pose[:3, :3]))),
+            1e3 * float(np.linalg.norm(estimate.t - pose[:3, 3])))
+
+
+def test_tracking_from_a_prior_pose_converges(pipeline, model, frame):
+    image, mask, pose = frame
+    prior = perturbed_start(pose, 4.0, 0.02, np.random.default_rng(1))
+    estimates = pipeline.estimate(image, SYNTHETIC_K, masks={model.name: mask},
+                                  prior_poses={model.name: prior})
+    estimate = estimates[model.name]
+    rot_deg, trans_mm = errors(estimate, pose)
+    assert estimate.source == 'prior'
+    assert rot_deg < 0.5 and trans_mm < 2.0
+    assert estimate.score > 0.95
+    assert {'segment', 'crop', 'coarse', 'refine'} <= set(estimate.timings_ms)
+
+
+def test_detection_refines_the_coarse_hypotheses(model, frame):
+    image, mask, pose = frame
+    pipeline = Pipeline([model], torch.device('cpu'),
+                        coarse={model.name: PerturbedTruth(pose, 12.0)})
+    estimate = pipeline.estimate((255 * image).astype(np.uint8), SYNTHETIC_K,
+                                 masks={model.name: mask > 0.5})[model.name]
+    rot_deg, trans_mm = errors(estimate, pose)
+    assert estimate.source == 'test'
+    assert rot_deg < 1.0 and trans_mm < 3.0
+
+
+def test_objects_without_mask_or_start_are_left_out(pipeline, model, frame):
+    image, mask, _ = frame
+    assert pipeline.estimate(image, SYNTHETIC_K) == {}
+    # a mask but neither a coarse estimator nor a prior: nothing to refine
+    assert pipeline.estimate(image, SYNTHETIC_K, masks={model.name: mask}) == {}
+    tiny = np.zeros_like(mask)
+    tiny[100, 100:105] = 1
+    assert pipeline.estimate(image, SYNTHETIC_K, masks={model.name: tiny},
+                             prior_poses={model.name: frame[2]}) == {}
+
+
+@pytest.mark.parametrize('bad_image, message', [
+    (np.full((HEIGHT, WIDTH, 3), np.nan, np.float32), 'NaN'),
+    (np.zeros((HEIGHT, WIDTH), np.float32), 'RGB'),
+])
+def test_malformed_images_are_rejected(pipeline, bad_image, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.estimate(bad_image, SYNTHETIC_K)
+
+
+@pytest.mark.parametrize('K', [np.zeros((3, 3)), np.full((3, 3), np.nan), np.eye(2)])
+def test_bad_intrinsics_are_rejected(pipeline, frame, K):
+    with pytest.raises(ValueError, match='intrinsics'):
+        pipeline.estimate(frame[0], K)
+
+
+def test_mask_of_the_wrong_size_is_rejected(pipeline, model, frame):
+    with pytest.raises(ValueError, match='shape'):
+        pipeline.estimate(frame[0], SYNTHETIC_K, masks={model.name: np.ones((10, 10))})
+
+
+def test_plausible_pose():
+    diameter = 0.1
+    assert plausible_pose(make_pose(np.eye(3), np.array([0.0, 0.0, 0.5])), diameter)
+    assert not plausible_pose(make_pose(np.eye(3), np.array([0.0, 0.0, 0.04])), diameter)
+    assert not plausible_pose(make_pose(np.eye(3), np.array([0.0, 0.0, -0.5])), diameter)
+    assert not plausible_pose(make_pose(np.diag([1.0, 1.0, -1.0]), np.array([0, 0, 0.5])),
+                              diameter)
+    bad = make_pose(np.eye(3), np.array([0.0, 0.0, 0.5]))
+    bad[0, 0] = np.nan
+    assert not plausible_pose(bad, diameter)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        PipelineConfig(crop_size=8)
+    with pytest.raises(ValueError):
+        PipelineConfig(hypotheses=0)
+    with pytest.raises(ValueError):
+        PipelineConfig(optimizer='newton')
+    with pytest.raises(TypeError):
+        PipelineConfig(optimizer_overrides={'no_such_field': 1})
