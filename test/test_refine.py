@@ -4,7 +4,7 @@ Targets are ray cast by the independent reference renderer (trimesh + Embree, 4 
 pixel), never by the backend under test; pose errors are measured with scipy. Crops are small
 (96 px) and the demo mesh is decimated so that the file stays fast.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -20,7 +20,8 @@ from pose_node.refine import (ROTATIONS, AdamConfig, LevenbergMarquardtConfig, L
 from pose_node.mesh import ObjectModel
 from pose_node.refine.losses import colour_gain
 from pose_node.refine.motion import mesh_edges, rim_depth
-from pose_node.refine.optimizers import Problem, linearize, spread_starts
+from pose_node.refine.optimizers import (Problem, levenberg_marquardt_refine, linearize,
+                                         spread_starts)
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
                                               params_to_rotation, params_to_translation,
                                               rotation_to_params, translation_to_params)
@@ -249,10 +250,50 @@ def test_spread_starts_turn_out_of_the_image_plane():
     R_spread, t_spread = spread_starts(torch.as_tensor(R), torch.as_tensor(t), 8.0)
     assert R_spread.shape == (10, 3, 3)
     np.testing.assert_array_equal(t_spread.numpy(), np.repeat(t, 5, axis=0))
-    turns = [np.zeros(3), [8, 0, 0], [-8, 0, 0], [0, 8, 0], [0, -8, 0]]
+    turns = [np.zeros(3), [8, 0, 0], [0, 8, 0], [-8, 0, 0], [0, -8, 0]]
     expected = np.stack([Rotation.from_rotvec(turn, degrees=True).as_matrix() @ rotation
                          for rotation in R for turn in turns])
     np.testing.assert_allclose(R_spread.numpy(), expected, atol=1e-12)
+
+
+def test_spread_starts_with_two_angles_and_eight_directions():
+    R = Rotation.random(1, random_state=9).as_matrix()
+    t = np.array([[0.01, 0.02, 0.5]])
+    R_spread, t_spread = spread_starts(torch.as_tensor(R), torch.as_tensor(t), (10.0, 20.0), 8)
+    assert R_spread.shape == (17, 3, 3)
+    np.testing.assert_array_equal(t_spread.numpy(), np.repeat(t, 17, axis=0))
+    # Axis k lies in the image plane at k * 45 degrees from +x; each axis at 10 then 20 degrees.
+    headings = np.deg2rad(45.0 * np.arange(8))
+    axes = np.stack([np.cos(headings), np.sin(headings), np.zeros(8)], axis=1)
+    turns = np.concatenate([np.zeros((1, 3)), 10.0 * axes, 20.0 * axes])
+    expected = Rotation.from_rotvec(turns, degrees=True).as_matrix() @ R[0]
+    np.testing.assert_allclose(R_spread.numpy(), expected, atol=1e-12)
+    angles = Rotation.from_matrix(R_spread.numpy() @ R[0].T).magnitude()
+    np.testing.assert_allclose(np.rad2deg(angles), [0.0] + [10.0] * 8 + [20.0] * 8, atol=1e-9)
+    unchanged = spread_starts(torch.as_tensor(R), torch.as_tensor(t), 0.0)
+    assert torch.equal(unchanged[0], torch.as_tensor(R))
+
+
+def test_survivors_narrow_to_the_best_before_the_last_level(model, scene, mesh, soft):
+    case = synthetic_case(model, scene, seed=13)
+    problem = Problem.create(soft, mesh, observe(case))
+    R0, t0 = (torch.as_tensor(a, dtype=torch.float32) for a in perturbed(case, 15.0, 0.05, 4))
+    coarse, fine = Level(32, 2.0), Level(48, 1.0)
+    together = levenberg_marquardt_refine(problem, R0, t0, LevenbergMarquardtConfig(
+        levels=(coarse, fine), iterations=4, spread_deg=(8.0, 16.0), survivors=9))
+    # By hand: every copy refined on its own at the coarse level; the lowest cost goes on alone.
+    R_copies, t_copies = spread_starts(R0, t0, (8.0, 16.0))
+    alone = LevenbergMarquardtConfig(levels=(coarse,), iterations=4, spread_deg=0.0)
+    apart = levenberg_marquardt_refine(problem, R_copies, t_copies, alone)
+    best = int(torch.argmin(apart.curves[:, -1]))
+    expected = levenberg_marquardt_refine(problem, apart.R[best:best + 1], apart.t[best:best + 1],
+                                          replace(alone, levels=(fine,)))
+    torch.testing.assert_close(together.R, expected.R, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.t, expected.t, atol=1e-6, rtol=0)
+    assert together.curves.shape[1] == apart.curves.shape[1] + expected.curves.shape[1]
+    torch.testing.assert_close(together.curves[0, -1], expected.curves[0, -1])
+    assert not torch.isnan(together.curves).any()
+    assert len(set(apart.curves[:, -1].tolist())) > 1   # the copies ended apart: a real choice
 
 
 def box_model(extents) -> ObjectModel:

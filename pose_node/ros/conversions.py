@@ -20,6 +20,8 @@ IMAGE_ENCODINGS = {
     'rgba16': (4, np.uint16, 'rgba'),
     'bgra16': (4, np.uint16, 'bgra'),
     'mono16': (1, np.uint16, 'mono'),
+    '8UC1': (1, np.uint8, 'mono'),
+    '16UC1': (1, np.uint16, 'mono'),
 }
 
 
@@ -60,6 +62,17 @@ def image_msg_to_rgb(msg: Image) -> np.ndarray:
     else:
         rgb = pixels[..., :3]
     return rgb.astype(np.float32) / scale
+
+
+def label_msg_to_masks(msg: Image, names: list[str]) -> dict[str, np.ndarray]:
+    """Per object name its mask (H, W) bool from a label image (one channel: pixel value i is
+    ``names[i - 1]``, 0 background); objects without pixels are left out."""
+    pixels = image_msg_to_array(msg)
+    if pixels.shape[2] != 1:
+        raise ImageConversionError(f'a mask label image needs one channel, got {msg.encoding!r}')
+    labels = pixels[..., 0]
+    masks = {name: labels == index + 1 for index, name in enumerate(names)}
+    return {name: mask for name, mask in masks.items() if mask.any()}
 
 
 def rgb_to_image_msg(rgb: np.ndarray, header: Header, encoding: str = 'rgb8') -> Image:

@@ -6,9 +6,10 @@ sets ``func`` to the function that runs it; only this layer parses arguments and
 import argparse
 import sys
 
-from pose_node.tools import bench_refine, demo, make_demo_object, synth
+from pose_node.tools import (bag, bench_node, bench_refine, demo, eval_lmo, make_demo_object,
+                             synth, train)
 
-SUBCOMMANDS = (demo, bench_refine, synth, make_demo_object)
+SUBCOMMANDS = (demo, bench_refine, synth, make_demo_object, train, eval_lmo, bag, bench_node)
 
 
 def build_parser() -> argparse.ArgumentParser:

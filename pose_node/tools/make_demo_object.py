@@ -3,7 +3,7 @@
 The object is deliberately asymmetric and coloured so that its pose can be read from colour
 alone: a striped, colour-graded, tapered box body with a sloping top and one chamfered corner,
 a green handle on the -x side, an orange cone off-centre on top and a red knob on the +y side.
-Deterministic: the same code writes byte-identical files.
+Deterministic: the same code writes the same vertices, faces and colours (normals to the last bits).
 
 Run as `python -m pose_node.tools.make_demo_object [output_dir]`.
 """

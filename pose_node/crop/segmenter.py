@@ -1,0 +1,275 @@
+"""The built-in segmenter: a tiny U-Net that labels every pixel of a full image as background or
+one of the configured objects (each object at most once per image, as in LM-O).
+
+The image is resized so that its longer side is ``input_size`` px (both sides rounded to a
+multiple of the network's stride), the logits are resized back to the image, and per object the
+class probability is its mask (:class:`NetworkSegmenter`, the :class:`pose_node.crop.Segmenter`
+protocol). ``widths`` sets the channels per scale; doubling them scales the same design up for a
+GPU.
+
+Weight files (:func:`save_weights`, :func:`read_weights`) hold only a state dict and a JSON-able
+config, so they load with ``torch.load(..., weights_only=True)``; the regressor uses the same
+format. Images are (H, W, 3) float32 RGB 0..1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
+"""Pixel normalisation inside the networks: 0..1 RGB becomes roughly zero-mean, unit-spread."""
+MIN_AREA_FRACTION = 2e-4
+"""Masks smaller than this fraction of the image (60 px in VGA) are left out as noise."""
+MIN_SCORE = 0.6
+"""Masks whose mean object probability is below this are left out."""
+KEEP_COMPONENT_FRACTION = 0.2
+"""Connected parts of a mask smaller than this fraction of its largest part are dropped: an
+object occurs once, so small far-away blobs are false positives (an occluder may still split
+the object into large parts, which are kept)."""
+
+
+# ---------------------------------------------------------------------------------- weight files
+
+def save_weights(path: str | Path, kind: str, config: dict, state_dict: dict) -> None:
+    """Write ``state_dict`` (tensors) with ``kind`` and a JSON-able ``config`` for weights-only
+    loading."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().cpu() for key, value in state_dict.items()}
+    torch.save({'kind': kind, 'config': config, 'state_dict': tensors}, path)
+
+
+def read_weights(path: str | Path, kind: str) -> tuple[dict, dict]:
+    """(config, state_dict) of a file written by :func:`save_weights` for ``kind``.
+
+    FileNotFoundError when ``path`` is missing; ValueError naming the file when it is not such a
+    file (corrupt, pickled code, another kind)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: {kind} weights file not found')
+    try:
+        content = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise ValueError(f'{path}: not a readable {kind} weights file ({error})') from error
+    if not isinstance(content, dict) or content.get('kind') != kind \
+            or not isinstance(content.get('config'), dict) \
+            or not isinstance(content.get('state_dict'), dict):
+        raise ValueError(f'{path}: not a {kind} weights file (expected keys kind={kind!r}, '
+                         'config, state_dict)')
+    return content['config'], content['state_dict']
+
+
+def load_state_checked(net: nn.Module, state_dict: dict, path: str | Path) -> None:
+    """Load ``state_dict`` into ``net``; ValueError naming ``path`` when the shapes or keys do
+    not match the architecture its config describes."""
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise ValueError(f'{path}: weights do not match the architecture in its config '
+                         f'({error})') from error
+
+
+# ---------------------------------------------------------------------------------- network
+
+def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, group norm (batch-size independent, so DDP and batch 1 behave alike),
+    ReLU."""
+    groups = math.gcd(8, out_channels)
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+                         nn.GroupNorm(groups, out_channels), nn.ReLU(inplace=True))
+
+
+class SegmentationNet(nn.Module):
+    """U-Net: ``len(widths)`` stages, each halving the resolution; decoder back to 1/2 with skip
+    connections, logits bilinearly upsampled to the input.
+
+    forward: x (B, 3, H, W) RGB 0..1, H and W multiples of :attr:`stride` -> logits
+    (B, n_classes, H, W), class 0 the background.
+    """
+
+    def __init__(self, n_classes: int, widths: tuple[int, ...]):
+        super().__init__()
+        channels = (3,) + tuple(widths)
+        self.encoder = nn.ModuleList(
+            nn.Sequential(conv_block(channels[i], channels[i + 1], stride=2),
+                          conv_block(channels[i + 1], channels[i + 1]))
+            for i in range(len(widths)))
+        self.decoder = nn.ModuleList(
+            conv_block(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
+        self.head = nn.Conv2d(widths[0], n_classes, 1)
+        self.stride = 2 ** len(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = []
+        h = (x - IMAGE_MEAN) / IMAGE_STD
+        for stage in self.encoder:
+            h = stage(h)
+            features.append(h)
+        for index in range(len(self.decoder) - 1, -1, -1):
+            skip = features[index]
+            h = F.interpolate(h, size=skip.shape[-2:], mode='bilinear', align_corners=False)
+            h = self.decoder[index](torch.cat([h, skip], dim=1))
+        return F.interpolate(self.head(h), size=x.shape[-2:], mode='bilinear',
+                             align_corners=False)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """object_names: class i + 1 is object_names[i]; input_size: longer image side fed to the
+    network, px; widths: channels per U-Net stage."""
+
+    object_names: tuple[str, ...]
+    input_size: int = 320
+    widths: tuple[int, ...] = (16, 32, 64, 64)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SegmenterConfig:
+        return cls(object_names=tuple(values['object_names']), input_size=int(values['input_size']),
+                   widths=tuple(int(w) for w in values['widths']))
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        return values | {'object_names': list(self.object_names), 'widths': list(self.widths)}
+
+
+def widths_for(base: int) -> tuple[int, ...]:
+    """U-Net channels per stage for a base width (the ``--width`` flag): (w, 2w, 4w, 4w)."""
+    return (base, 2 * base, 4 * base, 4 * base)
+
+
+def make_segmentation_net(config: SegmenterConfig) -> SegmentationNet:
+    return SegmentationNet(len(config.object_names) + 1, config.widths)
+
+
+def network_size(height: int, width: int, input_size: int, stride: int) -> tuple[int, int]:
+    """(h, w) the network sees for an H x W image: the longer side ``input_size``, both rounded
+    to a multiple of ``stride`` (at least one stride)."""
+    scale = input_size / max(height, width)
+    return tuple(max(stride, int(round(side * scale / stride)) * stride)
+                 for side in (height, width))
+
+
+def image_tensor(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(1, 3, h, w) float32 on ``device`` from ``image`` (H, W, 3) 0..1 resized to ``size``
+    = (h, w) (area interpolation when shrinking)."""
+    resized = cv2.resize(np.asarray(image, np.float32), (size[1], size[0]),
+                         interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(resized).permute(2, 0, 1)[None].to(device)
+
+
+# ---------------------------------------------------------------------------------- masks
+
+def keep_large_components(mask: np.ndarray, fraction: float = KEEP_COMPONENT_FRACTION
+                          ) -> np.ndarray:
+    """(H, W) bool: the connected parts of ``mask`` (H, W) bool of at least ``fraction`` times
+    the largest part's area."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
+    if count <= 2:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    kept = np.flatnonzero(areas >= fraction * areas.max()) + 1
+    return np.isin(labels, kept)
+
+
+def object_masks(probabilities: np.ndarray, names: tuple[str, ...],
+                 min_area_fraction: float = MIN_AREA_FRACTION, min_score: float = MIN_SCORE
+                 ) -> dict[str, tuple[np.ndarray, float]]:
+    """Per object found: (mask (H, W) float32, score) from ``probabilities``
+    (1 + len(names), H, W) that sum to 1 per pixel.
+
+    The mask is 1 where the object is the most likely class (in kept large parts), 0 elsewhere:
+    binary like an upstream segmenter's, so that any threshold reads it alike (with several
+    objects the winning probability may be below 0.5); the score is the object's mean
+    probability there. Objects whose area or score are below the limits are left out."""
+    winner = probabilities.argmax(axis=0)
+    minimum_area = min_area_fraction * winner.size
+    found = {}
+    for index, name in enumerate(names, start=1):
+        region = keep_large_components(winner == index)
+        area = int(region.sum())
+        if area < minimum_area:
+            continue
+        score = float(probabilities[index][region].mean())
+        if score >= min_score:
+            found[name] = (region.astype(np.float32), score)
+    return found
+
+
+class NetworkSegmenter:
+    """:class:`pose_node.crop.Segmenter` backed by a :class:`SegmentationNet` on ``device``."""
+
+    def __init__(self, net: SegmentationNet, config: SegmenterConfig, device: torch.device,
+                 min_area_fraction: float = MIN_AREA_FRACTION, min_score: float = MIN_SCORE):
+        self.net = net.to(device).eval()
+        self.config = config
+        self.device = device
+        self.min_area_fraction = min_area_fraction
+        self.min_score = min_score
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """(1 + n_objects, H, W) float32 class probabilities of ``image`` (H, W, 3) 0..1."""
+        height, width = image.shape[:2]
+        size = network_size(height, width, self.config.input_size, self.net.stride)
+        logits = self.net(image_tensor(image, size, self.device))
+        logits = F.interpolate(logits, size=(height, width), mode='bilinear',
+                               align_corners=False)
+        return torch.softmax(logits[0], dim=0).float().cpu().numpy()
+
+    def segment(self, image: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """Per object found in ``image`` (H, W, 3) float32 0..1: (mask (H, W) float32 0 or 1,
+        score 0..1); see :func:`object_masks`."""
+        return object_masks(self.probabilities(image), self.config.object_names,
+                            self.min_area_fraction, self.min_score)
+
+
+def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
+    """The segmenter stored at ``path`` (weights-only file) on ``device``.
+
+    FileNotFoundError / ValueError naming the file when it is missing, corrupt or not a
+    segmenter."""
+    values, state_dict = read_weights(path, 'segmenter')
+    try:
+        config = SegmenterConfig.from_dict(values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f'{path}: bad segmenter config {values} ({error})') from error
+    net = make_segmentation_net(config)
+    load_state_checked(net, state_dict, path)
+    return NetworkSegmenter(net, config, device)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def label_image(masks: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(H, W) int64 label image: 0 background, ``classes[i]`` where visible mask ``masks[i]``
+    (N, H, W) bool is set (visible masks do not overlap)."""
+    labels = np.zeros(masks.shape[1:], np.int64)
+    for mask, label in zip(masks, classes):
+        labels[mask] = label
+    return labels
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the soft Dice loss of the object classes: logits (B, C, H, W), labels
+    (B, H, W) int64. Dice keeps small objects from drowning in background pixels."""
+    cross_entropy = F.cross_entropy(logits, labels)
+    probabilities = torch.softmax(logits, dim=1)[:, 1:]
+    one_hot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    overlap = (probabilities * one_hot).sum(dim=(2, 3))
+    total = probabilities.sum(dim=(2, 3)) + one_hot.sum(dim=(2, 3))
+    present = one_hot.sum(dim=(2, 3)) > 0
+    dice = 1 - (2 * overlap + 1) / (total + 1)
+    return cross_entropy + (dice[present].mean() if present.any() else dice.sum() * 0)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (H, W) bool masks; 1 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0

@@ -1,0 +1,169 @@
+"""The built-in segmenter: sizes, masks from probabilities, loss, training, weight files, and the
+shipped demo weights on ray-cast demo frames."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pose_node.crop import segmenter as seg
+from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
+from pose_node.render.raycast import RaycastScene
+from pose_node.resources import demo_object_dir, load_demo_object
+from pose_node.tools.demo import DISTANCE_RANGE, HEIGHT, K_DEMO, WIDTH
+
+SHIPPED = demo_object_dir() / 'segmenter.pt'
+SHIPPED_MIN_MEDIAN_IOU = 0.85
+"""Smallest median mask IoU allowed for the shipped weights on the demo frames below; measured
+0.95 (0.90..0.98) on these 4 frames."""
+DEMO_FRAMES = 4
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread: on a shared, loaded machine two spinning threads run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_network_size_keeps_the_longer_side_and_rounds_to_the_stride():
+    assert seg.network_size(480, 640, 320, 16) == (240, 320)
+    assert seg.network_size(1080, 1920, 320, 16) == (176, 320)   # 180 -> 176
+    assert seg.network_size(640, 480, 320, 16) == (320, 240)
+    assert seg.network_size(10, 400, 320, 16) == (16, 320)       # never below one stride
+
+
+def test_label_image_and_mask_iou_by_hand():
+    masks = np.zeros((2, 4, 5), bool)
+    masks[0, :2, :2] = True
+    masks[1, 3, 1:] = True
+    labels = seg.label_image(masks, np.array([2, 1]))
+    assert labels[0, 0] == 2 and labels[3, 4] == 1 and labels[2, 2] == 0
+    assert (labels > 0).sum() == 4 + 4
+    a, b = np.zeros((3, 3), bool), np.zeros((3, 3), bool)
+    a[0, :] = True
+    b[:, 0] = True
+    assert seg.mask_iou(a, b) == pytest.approx(1 / 5)
+    assert seg.mask_iou(a & False, b & False) == 1.0
+
+
+def test_object_masks_keep_the_big_confident_parts_and_score_them():
+    probabilities = np.zeros((3, 100, 100), np.float32)
+    probabilities[0] = 1.0
+    probabilities[:, 10:40, 10:40] = [[[0.1]], [[0.9]], [[0.0]]]   # object a: 900 px at 0.9
+    probabilities[:, 80:83, 80:83] = [[[0.2]], [[0.8]], [[0.0]]]   # stray 9 px blob of a
+    probabilities[:, 50:70, 50:70] = [[[0.45]], [[0.0]], [[0.55]]]  # object b: too unsure
+    found = seg.object_masks(probabilities, ('a', 'b'), min_area_fraction=0.01, min_score=0.6)
+    assert list(found) == ['a']
+    mask, score = found['a']
+    assert mask.dtype == np.float32 and mask.shape == (100, 100)
+    assert score == pytest.approx(0.9)
+    assert mask.sum() == 900 and mask[20, 20] == 1 and mask[81, 81] == 0
+    assert seg.object_masks(probabilities, ('a', 'b'), min_area_fraction=0.1) == {}
+    assert list(seg.object_masks(probabilities, ('a', 'b'), min_score=0.5)) == ['a', 'b']
+
+
+def test_loss_is_cross_entropy_plus_dice_by_hand():
+    labels = torch.tensor([[[0, 1], [1, 1]]])
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]])
+    probabilities = torch.softmax(logits, dim=1)[0, 1]
+    truth = (labels[0] == 1).float()
+    dice = 1 - (2 * (probabilities * truth).sum() + 1) / (probabilities.sum() + truth.sum() + 1)
+    expected = F.cross_entropy(logits, labels) + dice
+    assert float(seg.segmentation_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def blob_images(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images with one orange disc (class 1) each: (B, 3, 32, 32), labels (B, 32, 32)."""
+    v, u = np.mgrid[0:32, 0:32]
+    images, labels = [], []
+    for _ in range(count):
+        image = rng.uniform(0, 0.5, (32, 32, 3)).astype(np.float32)
+        cx, cy = rng.uniform(8, 24, 2)
+        disc = (u - cx) ** 2 + (v - cy) ** 2 < 36
+        image[disc] = [1.0, 0.6, 0.1]
+        images.append(image.transpose(2, 0, 1))
+        labels.append(disc.astype(np.int64))
+    return torch.as_tensor(np.stack(images)), torch.as_tensor(np.stack(labels))
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    images, labels = blob_images(np.random.default_rng(0), 8)
+    net = seg.SegmentationNet(2, (4, 8))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    with torch.no_grad():
+        before = float(seg.segmentation_loss(net(images), labels))
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = seg.segmentation_loss(net(images), labels)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(seg.segmentation_loss(net(images), labels)) < 0.6 * before
+
+
+def test_weights_load_weights_only_and_reproduce_the_outputs(tmp_path):
+    torch.manual_seed(1)
+    config = seg.SegmenterConfig(('a', 'b'), input_size=64, widths=(4, 8))
+    net = seg.make_segmentation_net(config)
+    path = tmp_path / 'segmenter.pt'
+    seg.save_weights(path, 'segmenter', config.to_dict(), net.state_dict())
+    raw = torch.load(path, weights_only=True)
+    assert raw['config']['object_names'] == ['a', 'b']
+    loaded = seg.load_segmenter(path, torch.device('cpu'))
+    assert loaded.config == config
+    image = np.random.default_rng(2).uniform(0, 1, (48, 80, 3)).astype(np.float32)
+    got = loaded.probabilities(image)
+    assert got.shape == (3, 48, 80)
+    np.testing.assert_allclose(got.sum(axis=0), 1, atol=1e-5)
+    with torch.no_grad():   # the original network by hand: 80 px -> 64, 48 px -> 38.4 -> 40
+        logits = net.eval()(seg.image_tensor(image, (40, 64), torch.device('cpu')))
+        expected = torch.softmax(F.interpolate(logits, size=(48, 80), mode='bilinear'), 1)[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+
+
+def test_missing_corrupt_or_foreign_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='absent.pt'):
+        seg.load_segmenter(tmp_path / 'absent.pt', torch.device('cpu'))
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'\x80\x04garbage')
+    with pytest.raises(ValueError, match='corrupt.pt'):
+        seg.load_segmenter(corrupt, torch.device('cpu'))
+    truncated = tmp_path / 'truncated.pt'
+    config = seg.SegmenterConfig(('a',), widths=(4, 8))
+    seg.save_weights(truncated, 'segmenter', config.to_dict(),
+                     seg.make_segmentation_net(config).state_dict())
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match='truncated.pt'):
+        seg.load_segmenter(truncated, torch.device('cpu'))
+    mismatched = tmp_path / 'mismatched.pt'
+    seg.save_weights(mismatched, 'segmenter', config.to_dict() | {'widths': [8, 8]},
+                     seg.make_segmentation_net(config).state_dict())
+    with pytest.raises(ValueError, match='mismatched.pt'):
+        seg.load_segmenter(mismatched, torch.device('cpu'))
+
+
+def demo_frame(scene: RaycastScene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A `pose_tools demo` frame (its poses, camera, ray casting and background recipe) at one
+    ray per pixel to keep the test fast: rgb (H, W, 3) 0..1 and the object's mask (H, W)."""
+    pose = random_pose_in_view(rng, DISTANCE_RANGE)
+    image = scene.render(pose[None], K_DEMO, WIDTH, HEIGHT)
+    coverage = image.coverage[0][..., None]
+    rgb = image.rgb + (1.0 - coverage) * procedural_background(WIDTH, HEIGHT, rng)
+    return rgb.astype(np.float32), coverage[..., 0] >= 0.5
+
+
+def test_shipped_segmenter_finds_the_demo_object_in_ray_cast_demo_frames():
+    segmenter = seg.load_segmenter(SHIPPED, torch.device('cpu'))
+    assert segmenter.config.object_names == ('demo_object',)
+    scene = RaycastScene([load_demo_object()])
+    rng = np.random.default_rng(11)
+    ious = []
+    for _ in range(DEMO_FRAMES):
+        rgb, truth = demo_frame(scene, rng)
+        found = segmenter.segment(rgb)
+        mask = found['demo_object'][0] > 0.5 if 'demo_object' in found else np.zeros_like(truth)
+        ious.append(seg.mask_iou(mask, truth))
+    assert np.median(ious) >= SHIPPED_MIN_MEDIAN_IOU, ious
