@@ -14,6 +14,9 @@ Format::
                                                     # the NN of a mesh named obj_0000NN
         regressor: models/demo_object/regressor.pt  # optional coarse-pose weights
         frame_id: demo_object                       # optional TF child frame (default: name)
+        colour_weight: 0.3                          # optional lambda of the refinement's colour
+                                                    # term (default 0: silhouette only, for
+                                                    # meshes whose colours are not the camera's)
 
 Paths are absolute, ``package://pose_node/<path>`` or relative to the package share directory
 (:func:`pose_node.resources.share_dir`). Every error names the file and the field.
@@ -28,7 +31,7 @@ from pose_node.mesh import ObjectModel, load_models_info, load_object_model
 
 PACKAGE_URI_PREFIX = 'package://pose_node/'
 _OBJECT_FIELDS = {'name', 'mesh', 'unit_scale', 'models_info', 'models_info_id', 'regressor',
-                  'frame_id'}
+                  'frame_id', 'colour_weight'}
 _TOP_FIELDS = {'objects', 'segmenter'}
 _BOP_MESH_NAME = re.compile(r'obj_0*(\d+)$')
 _OBJECT_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -43,7 +46,8 @@ class ObjectsConfigError(ValueError):
 class ObjectConfig:
     """One object to look for. mesh, models_info, regressor: absolute paths (models_info and
     regressor may be None); unit_scale: mesh file units to metres; models_info_id: the entry of
-    models_info to use; frame_id: TF child frame (without the node's tf_prefix)."""
+    models_info to use; frame_id: TF child frame (without the node's tf_prefix); colour_weight:
+    lambda of the refinement loss's colour term for this mesh (0: silhouette only)."""
 
     name: str
     mesh: Path
@@ -52,6 +56,7 @@ class ObjectConfig:
     models_info_id: int | None
     regressor: Path | None
     frame_id: str
+    colour_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,13 @@ def _object_config(path: Path, index: int, entry, share: Path) -> ObjectConfig:
     if not isinstance(frame_id, str) or not _TF_FRAME.match(frame_id):
         raise ObjectsConfigError(f'{path}: {where}, field "frame_id": expected a frame name, '
                                  f'got {frame_id!r}')
+    colour_weight = entry.get('colour_weight', 0.0)
+    if isinstance(colour_weight, bool) or not isinstance(colour_weight, (int, float)) \
+            or not 0 <= colour_weight < float('inf'):
+        raise ObjectsConfigError(f'{path}: {where}, field "colour_weight": expected a number '
+                                 f'>= 0, got {colour_weight!r}')
     return ObjectConfig(
-        name=name, mesh=mesh, unit_scale=float(unit_scale),
+        name=name, mesh=mesh, unit_scale=float(unit_scale), colour_weight=float(colour_weight),
         models_info=_optional_path(path, f'{where}, field "models_info"',
                                    entry.get('models_info'), share),
         models_info_id=info_id,

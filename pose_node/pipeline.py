@@ -42,7 +42,9 @@ class PipelineConfig:
     hypotheses: coarse hypotheses refined per object; optimizer: 'default' or 'baseline', with
     ``optimizer_overrides`` replacing fields of its configuration, for starts from the coarse
     estimators; tracking_optimizer and tracking_overrides: the same for starts from prior poses;
-    min_mask_pixels: smaller masks are not trusted; loss: the refinement loss."""
+    min_mask_pixels: smaller masks are not trusted; loss: the refinement loss; object_losses:
+    per object name a loss replacing ``loss`` (e.g. a colour term for a mesh whose colours
+    match the camera's)."""
 
     crop_size: int = 128
     crop_scale: float = CROP_SCALE
@@ -53,6 +55,7 @@ class PipelineConfig:
     tracking_overrides: dict = field(default_factory=lambda: dict(TRACKING_OVERRIDES))
     min_mask_pixels: int = 20
     loss: LossConfig = LossConfig()
+    object_losses: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.crop_size < 16:
@@ -185,7 +188,8 @@ class Pipeline:
         observation = make_observation(crop.image, crop.mask, crop.K, crop.ignore,
                                        device=self.device)
         result = refine(observation, self.meshes[name], (hypotheses.R, hypotheses.t),
-                        self.renderer, loss=self.config.loss,
+                        self.renderer,
+                        loss=self.config.object_losses.get(name, self.config.loss),
                         optimizer=(self.tracking_optimizer if prior is not None
                                    else self.detection_optimizer))
         timings['refine'] = _ms_since(started)

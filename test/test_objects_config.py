@@ -25,6 +25,7 @@ def test_the_shipped_file_names_the_demo_object_in_metres():
     config = load_objects_config(SHIPPED)
     (obj,) = config.objects
     assert (obj.name, obj.frame_id, obj.unit_scale) == ('demo_object', 'demo_object', 0.001)
+    assert obj.colour_weight == 0.3     # its vertex colours are what the demo camera sees
     assert obj.mesh == DEMO_MESH and obj.mesh.is_absolute()
     assert obj.models_info == DEMO_INFO
     assert config.segmenter is None and obj.regressor is None
@@ -51,6 +52,7 @@ objects:
     mesh: {DEMO_MESH}
     regressor: weights/a.pt
     frame_id: tag/a
+    colour_weight: 0.25
   - name: b
     mesh: {DEMO_MESH}
 """)
@@ -60,6 +62,7 @@ objects:
     a, b = config.objects
     assert (a.regressor, a.frame_id, a.unit_scale) == (tmp_path / 'weights/a.pt', 'tag/a', 1.0)
     assert (b.regressor, b.frame_id, b.models_info) == (None, 'b', None)
+    assert (a.colour_weight, b.colour_weight) == (0.25, 0.0)
 
 
 @pytest.mark.parametrize(('text', 'expected'), [
@@ -73,6 +76,8 @@ objects:
     ('objects: [{name: a, mesh: m.ply}, {name: a, mesh: n.ply}]', 'repeated: a'),
     ('objects: [{name: a, mesh: m.ply, frame_id: "x y"}]', "object 'a', field \"frame_id\""),
     ('objects: [{name: a, mesh: m.ply, models_info_id: one}]', 'field "models_info_id"'),
+    ('objects: [{name: a, mesh: m.ply, colour_weight: -0.1}]', 'field "colour_weight"'),
+    ('objects: [{name: a, mesh: m.ply, colour_weight: high}]', 'field "colour_weight"'),
     ('objects: [{name: a, mesh: 3}]', "object 'a', field \"mesh\": expected a path"),
     ('objects: [{name: a, mesh: m.ply}]\nsegmenter: ""', 'segmenter: expected a path'),
     ('objects: [{name: a, mesh: "package://x/m.ply"}]', 'package://pose_node/'),

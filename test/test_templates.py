@@ -188,6 +188,7 @@ def test_cache_round_trip_reads_the_file_without_rendering(demo, tmp_path, monke
 
     monkeypatch.setattr(templates, 'build_bank', no_rendering)
     loaded = cached_bank(demo, settings, tmp_path)
+    cached_bank(replace(demo, name='another_name'), settings, tmp_path)   # same mesh: same file
     for field in ('rotations', 'masks', 'box_sides', 'centre_offsets', 'object_centre'):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(built, field))
     assert loaded.distance == built.distance

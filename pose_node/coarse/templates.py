@@ -330,9 +330,10 @@ def load_bank(path: Path) -> TemplateBank:
 
 def cached_bank(model: ObjectModel, settings: TemplateSettings = TemplateSettings(),
                 cache_dir: Path | None = None) -> TemplateBank:
-    """``model``'s bank from the cache, built and stored there when missing or corrupt."""
+    """``model``'s bank from the cache, built and stored there when missing or corrupt. Files
+    are named by the key alone: the same mesh under another object name shares its bank."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f'{model.name}-{settings_key(model, settings)[:24]}.npz'
+    path = cache_dir / f'{settings_key(model, settings)[:24]}.npz'
     if path.is_file():
         try:
             return load_bank(path)
