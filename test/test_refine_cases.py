@@ -55,3 +55,6 @@ def test_lmo_cases_masks_are_visible_parts_of_the_true_silhouette(lmo):
         # The visible mask lies inside the full silhouette (crop resampling blurs its edge).
         assert (observed & covered).sum() / observed.sum() > 0.95
         assert (observed & case.ignore).sum() / observed.sum() < 0.05
+        # The rest of the silhouette is hidden by annotated objects or, outside BOP's
+        # bbox_visib, by unannotated ones: ignored, so that the truth scores an IoU near 1.
+        assert (covered & ~observed & ~case.ignore).sum() / covered.sum() < 0.05

@@ -6,7 +6,7 @@ differentiable backend under test):
   with photometric noise;
 - ``lmo_cases``: real LM-O frames; the observed mask is the ground-truth visible mask rendered from
   the GT poses of all annotated objects (z-buffer), clipped to BOP's ``bbox_visib`` (LM-O does not
-  annotate every occluder, see ENVIRONMENT.md).
+  annotate every occluder, see ENVIRONMENT.md; the clipped pixels are ignored, as occluded).
 The crop is what the pipeline would cut without knowing the truth: a square around the union of
 the observed mask's box and the start pose's projected box, enlarged by ``CROP_SCALE``. Pixels of
 other objects' visible masks and pixels outside the image are marked ``ignore``.
@@ -105,10 +105,14 @@ def lmo_cases(dataset: BopDataset, image_ids: list[int], rot_deg: float, trans_f
         for index, (inst, model) in enumerate(zip(frame.instances, models)):
             if inst.visib_fract is None or inst.visib_fract < min_visib_fract:
                 continue
-            visible = (labels == index + 1) & _box_mask(inst.bbox_visib, labels.shape)
+            rendered = labels == index + 1
+            inside = _box_mask(inst.bbox_visib, labels.shape)
+            visible = rendered & inside
             if not visible.any():
                 continue
-            others = (labels > 0) & (labels != index + 1)
+            # What bbox_visib clips off is hidden by an occluder LM-O does not annotate: ignored
+            # like the annotated occluders, not taken for background.
+            others = ((labels > 0) & ~rendered) | (rendered & ~inside)
             start = perturbed_start(poses[index], rot_deg, trans_frac, rng)
             yield crop_case(f'lmo/{frame.image_id}/obj{inst.obj_id}', model, rgb, visible, others,
                             frame.K, poses[index], start, size, inst.visib_fract)

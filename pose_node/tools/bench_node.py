@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pose_node.objects_config import load_object_models, load_objects_config
-from pose_node.resources import demo_object_dir
+from pose_node.resources import demo_object_dir, share_dir
 from pose_node.tools.demo import HEIGHT, K_DEMO, WIDTH, stop_node
 
 STARTUP_TIMEOUT_S = 600.0   # a new object name builds its template bank (about 40 s on 2 cores)
@@ -45,12 +45,15 @@ def register(subparsers) -> None:
 
 
 def objects_yaml(count: int) -> str:
-    """An objects file with ``count`` copies of the demo object (names demo_object[_i])."""
+    """An objects file with ``count`` copies of the demo object (names demo_object[_i]) as the
+    shipped objects file configures it (colour weight included)."""
     folder = demo_object_dir()
+    (shipped,) = load_objects_config(share_dir() / 'config' / 'objects.yaml').objects
     names = ['demo_object'] if count == 1 else [f'demo_object_{i}' for i in range(count)]
     return 'objects:\n' + ''.join(
         f'  - {{name: {name}, mesh: {folder / "obj_000001.ply"}, unit_scale: 0.001, '
-        f'models_info: {folder / "models_info.json"}}}\n' for name in names)
+        f'models_info: {folder / "models_info.json"}, '
+        f'colour_weight: {shipped.colour_weight}}}\n' for name in names)
 
 
 def percentile(values: list[float], q: float) -> float:
