@@ -253,6 +253,18 @@ def test_render_hard_matches_reference(soft, mesh, poses, references):
             < MAX_INTERIOR_COLOUR_MAE
 
 
+def test_silhouette_only_render_equals_the_hard_silhouette(soft, mesh, poses):
+    R, t, K_batch = _pose_tensors(poses)
+    for size in (SIZE, 3 * SIZE):
+        K_size = K_batch.clone()
+        K_size[:, :2] *= size / SIZE
+        K_size[:, :2, 2] += (size / SIZE - 1) / 2   # the same view, pixel centres at integers
+        hard = soft.render_hard(mesh, R, t, K_size, size, size).silhouette
+        only = soft.render_silhouette(mesh, R, t, K_size, size, size)
+        assert hard.sum() > 100 * len(poses)
+        assert torch.equal(only, hard)
+
+
 def test_soft_approaches_hard_as_sigma_shrinks(soft, mesh, poses):
     pose = _pose_tensors(poses)
     hard = soft.render_hard(mesh, *pose, SIZE, SIZE)

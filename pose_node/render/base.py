@@ -59,11 +59,12 @@ class Shading:
 @dataclass
 class RenderOutput:
     """silhouette (B, H, W) 0..1; rgb (B, H, W, 3) 0..1, 0 on background; depth (B, H, W) metres,
-    camera-frame z, 0 on background."""
+    camera-frame z, 0 on background. rgb and depth are None where only the silhouette was asked
+    for (the refiner's sharp renders without a colour term)."""
 
     silhouette: torch.Tensor
-    rgb: torch.Tensor
-    depth: torch.Tensor
+    rgb: torch.Tensor | None
+    depth: torch.Tensor | None
 
 
 class Renderer(ABC):
