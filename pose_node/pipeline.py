@@ -48,7 +48,7 @@ class PipelineConfig:
 
     crop_size: int = 128
     crop_scale: float = CROP_SCALE
-    hypotheses: int = 4
+    hypotheses: int = 8
     optimizer: str = 'default'
     optimizer_overrides: dict = field(default_factory=dict)
     tracking_optimizer: str = 'default'

@@ -38,7 +38,7 @@ PARAMETERS = (
     ParameterSpec('iterations', 0, 'refinement iterations (per level for the default optimizer), '
                   "detecting and tracking; 0: the pipeline's defaults", low=0, high=1000,
                   read_only=True),
-    ParameterSpec('hypotheses', 4, 'coarse pose hypotheses refined per detected object',
+    ParameterSpec('hypotheses', 8, 'coarse pose hypotheses refined per detected object',
                   low=1, high=64, read_only=True),
     ParameterSpec('score_threshold', 0.6, 'publish an object only when its silhouette IoU is at '
                   'least this', low=0.0, high=1.0),

@@ -28,6 +28,7 @@ from pose_node.crop import Crop
 from pose_node.datasets.bop import BopDataset, BopFrame, GtInstance, default_lmo_root
 from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel
+from pose_node.pipeline import Pipeline, PipelineConfig
 from pose_node.refine import LossConfig
 from pose_node.render.raycast import RaycastScene
 
@@ -49,7 +50,8 @@ def register(subparsers) -> None:
     parser.add_argument('--n-images', type=int, default=None, help='first N frames of the split')
     parser.add_argument('--device', default='cpu', help='torch device, e.g. cpu or cuda')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
-    parser.add_argument('--hypotheses', type=int, default=4, help='coarse hypotheses refined')
+    parser.add_argument('--hypotheses', type=int, default=PipelineConfig.hypotheses,
+                        help='coarse hypotheses refined')
     parser.add_argument('--colour-weight', type=float, default=None,
                         help='colour term of the refinement loss (default: the loss default)')
     parser.add_argument('--lmo-root', type=Path, default=None)
@@ -234,7 +236,6 @@ def run(args: argparse.Namespace) -> int:
               f'--coarse {args.coarse}); train it with pose_tools train or choose '
               f'--masks oracle --coarse templates', file=sys.stderr)
         return MISSING_WEIGHTS_EXIT
-    from pose_node.pipeline import Pipeline, PipelineConfig
     segmenter = None
     if args.masks == 'predicted':
         from pose_node.crop.segmenter import load_segmenter
