@@ -1,4 +1,5 @@
-"""Shared test setup: a private DDS domain per test run and an rclpy context fixture."""
+"""Shared test setup: a private DDS domain per test run, an rclpy context fixture, the LM-O data
+set and one torch thread for network tests."""
 
 import os
 
@@ -30,3 +31,26 @@ def rclpy_context():
     rclpy.init(context=context)
     yield context
     context.try_shutdown()
+
+
+@pytest.fixture(scope="session")
+def lmo():
+    """The LM-O data beside the repository (`BopDataset`); skips the test when it is absent."""
+    from pose_node.datasets.bop import LMO_ROOT_ENV, BopDataset, default_lmo_root
+
+    root = default_lmo_root()
+    if not (root / "splits.json").is_file():
+        pytest.skip(f"LM-O data not found at {root} (set {LMO_ROOT_ENV})")
+    return BopDataset(root)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared, loaded machine two spinning threads run ~20x
+    slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,15 +16,6 @@ LMO_SCENE = 2
 LMO_OBJECTS = [1, 5, 6, 8, 9, 10, 11, 12]
 
 
-@pytest.fixture(scope='module')
-def lmo() -> BopDataset:
-    root = default_lmo_root()
-    if not (root / 'test' / f'{LMO_SCENE:06d}' / 'scene_gt.json').is_file():
-        pytest.skip(f'LM-O data not found at {root} (set {LMO_ROOT_ENV}); BOP reader tests on '
-                    'real data skipped')
-    return BopDataset(root)
-
-
 def project(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:
     """(N, 3) model points (m) -> (N, 2) pixel coordinates."""
     camera = points @ R.T + t

@@ -11,7 +11,6 @@ import pytest
 
 from pose_node.coarse import Hypotheses
 from pose_node.crop import mask_box
-from pose_node.datasets.bop import BopDataset, default_lmo_root
 from pose_node.geometry import make_pose
 from pose_node.tools import eval_lmo
 from pose_node.tools.cli import main
@@ -20,16 +19,8 @@ FIRST_DEV_IMAGE = 3
 
 
 @pytest.fixture(scope='module')
-def dataset():
-    root = default_lmo_root()
-    if not root.is_dir():
-        pytest.skip(f'LM-O data not found at {root}')
-    return BopDataset(root)
-
-
-@pytest.fixture(scope='module')
-def frame(dataset):
-    return dataset.frame(dataset.scene_ids[0], FIRST_DEV_IMAGE)
+def frame(lmo):
+    return lmo.frame(lmo.scene_ids[0], FIRST_DEV_IMAGE)
 
 
 def moved(pose: np.ndarray, distance: float) -> np.ndarray:
@@ -44,8 +35,8 @@ def test_bop_box_mask_is_inclusive_of_the_last_column_and_row():
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (1, 3, 2, 5)
 
 
-def test_oracle_masks_are_disjoint_and_inside_bop_visible_boxes(dataset, frame):
-    models = [dataset.load_model(inst.obj_id) for inst in frame.instances]
+def test_oracle_masks_are_disjoint_and_inside_bop_visible_boxes(lmo, frame):
+    models = [lmo.load_model(inst.obj_id) for inst in frame.instances]
     masks = eval_lmo.oracle_masks(frame, models, (480, 640))
     assert len(masks) == len(frame.instances)
     assert np.stack(masks).sum(axis=0).max() <= 1
@@ -63,10 +54,10 @@ def test_oracle_masks_are_disjoint_and_inside_bop_visible_boxes(dataset, frame):
     assert matching_boxes >= 0.75 * len(frame.instances)
 
 
-def test_instance_errors_of_the_truth_a_far_pose_and_a_missing_one(dataset, frame):
+def test_instance_errors_of_the_truth_a_far_pose_and_a_missing_one(lmo, frame):
     inst = frame.instances[0]
-    model = dataset.load_model(inst.obj_id)
-    points = dataset.load_model(inst.obj_id, eval=True).vertices.astype(np.float64)
+    model = lmo.load_model(inst.obj_id)
+    points = lmo.load_model(inst.obj_id, eval=True).vertices.astype(np.float64)
     truth = make_pose(inst.R, inst.t)
     exact = eval_lmo.instance_errors(truth, inst, model, points, frame.K, 640)
     assert exact['add_s_ok'] and all(exact['mssd_hits']) and all(exact['mspd_hits'])
@@ -91,10 +82,10 @@ class StubEstimate:
 class TruthPipeline:
     """Answers the truth after a coarse stage that is half a diameter off."""
 
-    def __init__(self, frame, dataset, coarse):
-        self.truth = {dataset.load_model(i.obj_id).name: make_pose(i.R, i.t)
+    def __init__(self, frame, lmo, coarse):
+        self.truth = {lmo.load_model(i.obj_id).name: make_pose(i.R, i.t)
                       for i in frame.instances}
-        self.diameters = {dataset.load_model(i.obj_id).name: dataset.load_model(i.obj_id).diameter
+        self.diameters = {lmo.load_model(i.obj_id).name: lmo.load_model(i.obj_id).diameter
                           for i in frame.instances}
         self.coarse = coarse
         self.seen_masks = None
@@ -108,12 +99,12 @@ class TruthPipeline:
         return {name: StubEstimate(self.truth[name]) for name in masks}
 
 
-def test_evaluate_scores_coarse_and_refined_poses_apart(dataset, frame):
+def test_evaluate_scores_coarse_and_refined_poses_apart(lmo, frame):
     kept = [i for i in frame.instances if eval_lmo.evaluated(i)]
-    names = [dataset.load_model(i.obj_id).name for i in kept]
+    names = [lmo.load_model(i.obj_id).name for i in kept]
     coarse = {name: eval_lmo.RecordingEstimator(None) for name in names}
-    pipeline = TruthPipeline(frame, dataset, coarse)
-    result = eval_lmo.evaluate(dataset, [FIRST_DEV_IMAGE], pipeline, coarse, 'oracle')
+    pipeline = TruthPipeline(frame, lmo, coarse)
+    result = eval_lmo.evaluate(lmo, [FIRST_DEV_IMAGE], pipeline, coarse, 'oracle')
     assert sorted(pipeline.seen_masks) == sorted(names)
     assert len(result.rows) == len(kept) and len(result.frame_ms) == 1
     refined = eval_lmo.summarize(result.rows, 'refined')
@@ -136,11 +127,11 @@ class FixedPipeline:
                 for name in masks}
 
 
-def test_cli_writes_the_report(monkeypatch, tmp_path, dataset):
+def test_cli_writes_the_report(monkeypatch, tmp_path, lmo):
     import pose_node.pipeline
     monkeypatch.setattr(pose_node.pipeline, 'Pipeline', FixedPipeline)
     monkeypatch.setattr(eval_lmo, 'make_coarse', lambda args, models, device: {})
-    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: dataset)
+    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: lmo)
     path = tmp_path / 'lmo.json'
     assert main(['eval-lmo', '--split', 'dev', '--n-images', '1', '--json', str(path)]) == 0
     report = json.loads(path.read_text())
@@ -155,8 +146,8 @@ def test_cli_writes_the_report(monkeypatch, tmp_path, dataset):
     assert report['summary']['coarse']['missing'] == report['summary']['coarse']['n']
 
 
-def test_missing_weights_exit_2_naming_the_file(monkeypatch, tmp_path, capsys, dataset):
-    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: dataset)
+def test_missing_weights_exit_2_naming_the_file(monkeypatch, tmp_path, capsys, lmo):
+    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: lmo)
     missing = tmp_path / 'no_segmenter.pt'
     code = main(['eval-lmo', '--masks', 'predicted', '--segmenter', str(missing),
                  '--json', str(tmp_path / 'x.json')])

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from pose_node.datasets.bop import BopDataset, default_lmo_root
 from pose_node.datasets.refine_cases import lmo_cases, synthetic_cases
 from pose_node.geometry import rotation_angle_between
 from pose_node.render.raycast import RaycastScene
@@ -33,14 +32,6 @@ def test_synthetic_cases_mask_matches_the_truth_and_start_is_perturbed_exactly()
         # The object occupies a good part of the crop but is not cut by it.
         assert 0.05 < (case.mask >= 0.5).mean() < 0.8
         assert not (case.mask[0].any() or case.mask[-1].any() or case.mask[:, 0].any())
-
-
-@pytest.fixture(scope='module')
-def lmo():
-    root = default_lmo_root()
-    if not root.is_dir():
-        pytest.skip(f'LM-O data not found at {root} (set POSE_NODE_LMO_ROOT)')
-    return BopDataset(root)
 
 
 def test_lmo_cases_masks_are_visible_parts_of_the_true_silhouette(lmo):

@@ -27,13 +27,7 @@ on these 12 windows: the refiner's basin is about 15-20 deg."""
 DEMO_FRAMES = 12
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: on a shared, loaded machine two spinning threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def tiny_config(diameter: float = 0.1) -> reg.RegressorConfig:

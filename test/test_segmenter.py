@@ -18,13 +18,7 @@ SHIPPED_MIN_MEDIAN_IOU = 0.85
 DEMO_FRAMES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: on a shared, loaded machine two spinning threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def test_network_size_keeps_the_longer_side_and_rounds_to_the_stride():
