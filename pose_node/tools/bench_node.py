@@ -21,11 +21,10 @@ import numpy as np
 
 from pose_node.objects_config import load_object_models, load_objects_config
 from pose_node.resources import demo_object_dir, share_dir
-from pose_node.tools.demo import HEIGHT, K_DEMO, WIDTH, stop_node
+from pose_node.tools.demo import BASE_STAMP_NS, HEIGHT, K_DEMO, WIDTH, stop_node
 
-STARTUP_TIMEOUT_S = 600.0   # a new object name builds its template bank (about 40 s on 2 cores)
+STARTUP_TIMEOUT_S = 600.0   # a new mesh builds its template bank (about 40 s on 2 cores)
 FIRST_ANSWER_TIMEOUT_S = 120.0
-BASE_STAMP_NS = 1_700_000_000_000_000_000
 
 
 def register(subparsers) -> None:
