@@ -8,12 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from pose_node.coarse import Hypotheses
 from pose_node.crop import mask_box
+from pose_node.datasets.bop import BopDataset
+from pose_node.datasets.synth import OutputLayout, SynthConfig, SynthObject, generate_dataset
 from pose_node.geometry import make_pose
+from pose_node.resources import load_demo_object, share_dir
 from pose_node.tools import eval_lmo
 from pose_node.tools.cli import main
+from pose_node.tools.synth import intrinsics
 
 FIRST_DEV_IMAGE = 3
 
@@ -104,7 +109,8 @@ def test_evaluate_scores_coarse_and_refined_poses_apart(lmo, frame):
     names = [lmo.load_model(i.obj_id).name for i in kept]
     coarse = {name: eval_lmo.RecordingEstimator(None) for name in names}
     pipeline = TruthPipeline(frame, lmo, coarse)
-    result = eval_lmo.evaluate(lmo, [FIRST_DEV_IMAGE], pipeline, coarse, 'oracle')
+    objects = eval_lmo.dataset_objects(lmo, None)
+    result = eval_lmo.evaluate([frame], objects, pipeline, coarse, 'oracle')
     assert sorted(pipeline.seen_masks) == sorted(names)
     assert len(result.rows) == len(kept) and len(result.frame_ms) == 1
     refined = eval_lmo.summarize(result.rows, 'refined')
@@ -131,7 +137,7 @@ def test_cli_writes_the_report(monkeypatch, tmp_path, lmo):
     import pose_node.pipeline
     monkeypatch.setattr(pose_node.pipeline, 'Pipeline', FixedPipeline)
     monkeypatch.setattr(eval_lmo, 'make_coarse', lambda args, models, device: {})
-    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: lmo)
+    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root, folder: lmo)
     path = tmp_path / 'lmo.json'
     assert main(['eval-lmo', '--split', 'dev', '--n-images', '1', '--json', str(path)]) == 0
     report = json.loads(path.read_text())
@@ -147,7 +153,7 @@ def test_cli_writes_the_report(monkeypatch, tmp_path, lmo):
 
 
 def test_missing_weights_exit_2_naming_the_file(monkeypatch, tmp_path, capsys, lmo):
-    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root: lmo)
+    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root, folder: lmo)
     missing = tmp_path / 'no_segmenter.pt'
     code = main(['eval-lmo', '--masks', 'predicted', '--segmenter', str(missing),
                  '--json', str(tmp_path / 'x.json')])
@@ -157,3 +163,43 @@ def test_missing_weights_exit_2_naming_the_file(monkeypatch, tmp_path, capsys, l
                  '--json', str(tmp_path / 'x.json')])
     assert code == 2
     assert 'regressor_obj_000001.pt' in capsys.readouterr().err
+
+
+class SynthTruthPipeline:
+    """Answers each masked object's ground-truth pose of the frame it is handed next."""
+
+    def __init__(self, frames, objects):
+        self.answers = iter([{objects.models[inst.obj_id].name: make_pose(inst.R, inst.t)
+                              for inst in frame.instances} for frame in frames])
+
+    def estimate(self, image, K, masks=None):
+        truth = next(self.answers)
+        return {name: StubEstimate(truth[name]) for name in masks}
+
+
+def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
+    demo = load_demo_object()
+    config = SynthConfig(width=160, height=120, K=intrinsics(160, 120, None, None, None),
+                         max_objects=1, max_occluders=0, supersample=1)
+    generate_dataset(tmp_path, [SynthObject(1, demo)], config, 2, seed=0,
+                     device=torch.device('cpu'), layout=OutputLayout(split='test'))
+    dataset = BopDataset(tmp_path, 'test')
+    objects = eval_lmo.dataset_objects(dataset, share_dir() / 'config' / 'objects.yaml')
+    assert objects.models[1].name == demo.name
+    assert objects.colour_weights == {demo.name: 0.3}
+    # No models_eval/ in a synth dataset: the metrics use the mesh's own vertices.
+    np.testing.assert_allclose(objects.points[1], demo.vertices, atol=1e-9)
+    frames = list(dataset.frames())
+    result = eval_lmo.evaluate(frames, objects, SynthTruthPipeline(frames, objects), {}, 'oracle')
+    assert len(result.rows) == sum(eval_lmo.evaluated(inst) for f in frames
+                                   for inst in f.instances) > 0
+    assert {row['object'] for row in result.rows} == {demo.name}
+    assert eval_lmo.summarize(result.rows, 'refined')['add_s_recall']['mean'] == 1.0
+
+
+def test_an_objects_file_shorter_than_the_dataset_is_refused(monkeypatch, tmp_path, capsys, lmo):
+    monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root, folder: lmo)
+    objects_file = share_dir() / 'config' / 'objects.yaml'
+    code = main(['eval-lmo', '--objects', str(objects_file), '--json', str(tmp_path / 'x.json')])
+    assert code == 1
+    assert str(objects_file) in capsys.readouterr().err

@@ -10,6 +10,14 @@ Figures: ADD(-S) recall at 0.1 diameter (ADI for the symmetric eggbox and glue) 
 mean over objects, BOP'19 AR of MSSD and MSPD, the mean ESA SPEED score over instances with an
 estimate, and the median milliseconds per frame. A missing estimate counts as a failure.
 Prints a table and writes JSON.
+
+Other BOP-format datasets (``--dataset``, e.g. scenes written by ``pose_tools synth --split test``)
+are read the same way: ``--split`` picks image ids from the dataset's splits.json, and a dataset
+without one is evaluated on every frame of its ``test`` folder. ``--objects`` names the dataset's
+objects as an objects file does (object i of the file is dataset obj_id i, as ``pose_tools
+train`` generates them): the segmenter's object names, the per-object colour weights and
+regressor weights, and the segmenter weights of the file's ``segmenter:`` entry. Metrics use
+``models_eval/`` when the dataset has it, else the meshes' own vertices.
 """
 import argparse
 import json
@@ -28,6 +36,7 @@ from pose_node.crop import Crop
 from pose_node.datasets.bop import BopDataset, BopFrame, GtInstance, default_lmo_root
 from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel
+from pose_node.objects_config import ObjectsConfig, load_object_models, load_objects_config
 from pose_node.pipeline import Pipeline, PipelineConfig
 from pose_node.refine import LossConfig
 from pose_node.render.raycast import RaycastScene
@@ -36,6 +45,8 @@ MIN_VISIB_FRACT = 0.1
 ADD_S_THRESHOLD = 0.1  # of the diameter
 STAGES = ('coarse', 'refined')
 MISSING_WEIGHTS_EXIT = 2
+DEFAULT_SEGMENTER = Path('weights/segmenter_lmo.pt')
+DATASET_FOLDER = 'test'
 
 
 def register(subparsers) -> None:
@@ -54,11 +65,16 @@ def register(subparsers) -> None:
                         help='coarse hypotheses refined')
     parser.add_argument('--colour-weight', type=float, default=None,
                         help='colour term of the refinement loss (default: the loss default)')
-    parser.add_argument('--lmo-root', type=Path, default=None)
+    parser.add_argument('--dataset', type=Path, default=None,
+                        help='BOP-format dataset folder (default: LM-O, ../shared/data/lmo)')
+    parser.add_argument('--objects', type=Path, default=None,
+                        help='objects file naming the dataset\'s objects in obj_id order '
+                        '(default: obj_0000NN from the dataset\'s models)')
     parser.add_argument('--template-cache', type=Path, default=None,
                         help='template bank folder (default ~/.cache/pose_node/templates)')
-    parser.add_argument('--segmenter', type=Path, default=Path('weights/segmenter_lmo.pt'),
-                        help='segmenter weights (--masks predicted)')
+    parser.add_argument('--segmenter', type=Path, default=None,
+                        help='segmenter weights (--masks predicted; default: the objects file\'s '
+                        f'segmenter, else {DEFAULT_SEGMENTER})')
     parser.add_argument('--regressor-dir', type=Path, default=Path('weights'),
                         help='folder of regressor_<object>.pt weights (--coarse regressor)')
     parser.set_defaults(func=run)
@@ -86,6 +102,45 @@ def oracle_masks(frame: BopFrame, models: list[ObjectModel],
             visible &= bop_box_mask(inst.bbox_visib, shape)
         masks.append(visible)
     return masks
+
+
+@dataclass(frozen=True)
+class DatasetObjects:
+    """The dataset's objects as the pipeline knows them. models and points: per BOP obj_id the
+    model (name, mesh, symmetries) and the (N, 3) metres points the metrics use; colour_weights
+    and regressors: per name what the objects file sets (absent: the defaults); segmenter: the
+    objects file's segmenter weights, or None."""
+
+    models: dict[int, ObjectModel]
+    points: dict[int, np.ndarray]
+    colour_weights: dict[str, float]
+    regressors: dict[str, Path]
+    segmenter: Path | None
+
+
+def dataset_objects(dataset: BopDataset, objects_file: Path | None) -> DatasetObjects:
+    """The objects of ``dataset``: its own models named obj_0000NN, or with ``objects_file`` the
+    file's i-th object for obj_id i. ValueError when the file has fewer objects than the
+    dataset's largest id (ObjectsConfigError, a ValueError, for a bad file)."""
+    config: ObjectsConfig | None = None
+    if objects_file is None:
+        models = {obj_id: dataset.load_model(obj_id) for obj_id in dataset.object_ids}
+    else:
+        config = load_objects_config(objects_file)
+        listed = load_object_models(config)
+        if max(dataset.object_ids) > len(listed):
+            raise ValueError(f'{objects_file}: {len(listed)} objects, but {dataset.root} has '
+                             f'object ids up to {max(dataset.object_ids)}')
+        models = {obj_id: listed[obj_id - 1] for obj_id in dataset.object_ids}
+    has_eval_models = (dataset.root / 'models_eval').is_dir()
+    points = {obj_id: (dataset.load_model(obj_id, eval=True) if has_eval_models else model)
+              .vertices.astype(np.float64) for obj_id, model in models.items()}
+    objects = config.objects if config is not None else ()
+    return DatasetObjects(
+        models=models, points=points,
+        colour_weights={obj.name: obj.colour_weight for obj in objects},
+        regressors={obj.name: obj.regressor for obj in objects if obj.regressor is not None},
+        segmenter=config.segmenter if config is not None else None)
 
 
 def evaluated(inst: GtInstance) -> bool:
@@ -140,7 +195,7 @@ def summarize(rows: list[dict], stage: str) -> dict:
 
 
 def print_table(args: argparse.Namespace, summary: dict, median_ms: float) -> None:
-    print(f'\neval-lmo: split={args.split} masks={args.masks} coarse={args.coarse} '
+    print(f'\neval-lmo: {args.dataset or "LM-O"} split={args.split} masks={args.masks} coarse={args.coarse} '
           f'instances={summary["refined"]["n"]} (visib_fract >= {MIN_VISIB_FRACT})')
     objects = list(summary['refined']['add_s_recall']['per_object'])
     header = f'{"ADD(-S) recall":16}' + ''.join(f'{name[-2:]:>6}' for name in objects) + \
@@ -158,26 +213,45 @@ def print_table(args: argparse.Namespace, summary: dict, median_ms: float) -> No
     print(f'median {median_ms:.0f} ms per frame')
 
 
-def missing_weights(args: argparse.Namespace, models: list[ObjectModel]) -> Path | None:
+def segmenter_path(args: argparse.Namespace, objects: DatasetObjects) -> Path:
+    return args.segmenter or objects.segmenter or DEFAULT_SEGMENTER
+
+
+def regressor_path(args: argparse.Namespace, objects: DatasetObjects, name: str) -> Path:
+    return objects.regressors.get(name, args.regressor_dir / f'regressor_{name}.pt')
+
+
+def missing_weights(args: argparse.Namespace, objects: DatasetObjects) -> Path | None:
     """The first weights file the chosen options need that does not exist, else None."""
     needed = []
     if args.masks == 'predicted':
-        needed.append(args.segmenter)
+        needed.append(segmenter_path(args, objects))
     if args.coarse == 'regressor':
-        needed += [args.regressor_dir / f'regressor_{model.name}.pt' for model in models]
+        needed += [regressor_path(args, objects, model.name)
+                   for model in objects.models.values()]
     return next((path for path in needed if not path.is_file()), None)
 
 
-def make_coarse(args: argparse.Namespace, models: list[ObjectModel],
+def make_coarse(args: argparse.Namespace, objects: DatasetObjects,
                 device: torch.device) -> dict[str, RecordingEstimator]:
+    models = list(objects.models.values())
     if args.coarse == 'regressor':
         from pose_node.coarse.regressor import load_regressor
         return {m.name: RecordingEstimator(
-            load_regressor(args.regressor_dir / f'regressor_{m.name}.pt', m, device))
-            for m in models}
+            load_regressor(regressor_path(args, objects, m.name), m, device)) for m in models}
     from pose_node.coarse.templates import TemplateMatcher
     return {m.name: RecordingEstimator(TemplateMatcher.from_model(
         m, cache_dir=args.template_cache, device=device)) for m in models}
+
+
+def object_losses(args: argparse.Namespace, objects: DatasetObjects) -> dict[str, LossConfig]:
+    """Per object name its refinement loss: --colour-weight for all when given, else the
+    objects file's colour weights (objects it does not set keep the loss default)."""
+    if args.colour_weight is not None:
+        return {m.name: LossConfig(colour_weight=args.colour_weight)
+                for m in objects.models.values()}
+    return {name: LossConfig(colour_weight=weight)
+            for name, weight in objects.colour_weights.items()}
 
 
 @dataclass
@@ -188,14 +262,13 @@ class Evaluation:
     frame_ms: list[float]
 
 
-def evaluate(dataset: BopDataset, image_ids: list[int], pipeline, coarse: dict,
+def evaluate(frames: list[BopFrame], objects: DatasetObjects, pipeline, coarse: dict,
              masks_kind: str, progress: bool = False) -> Evaluation:
-    """Run ``pipeline`` (a ``pose_node.pipeline.Pipeline`` over the dataset's models named as
-    ``dataset.load_model`` names them) on ``image_ids`` and score coarse and refined poses."""
+    """Run ``pipeline`` (a ``pose_node.pipeline.Pipeline`` over ``objects.models``) on
+    ``frames`` and score coarse and refined poses."""
     rows, frame_ms = [], []
-    frames = list(dataset.frames(image_ids))
     for frame in tqdm(frames, desc='eval-lmo', file=sys.stderr, disable=not progress):
-        models = [dataset.load_model(inst.obj_id) for inst in frame.instances]
+        models = [objects.models[inst.obj_id] for inst in frame.instances]
         rgb = frame.load_rgb().astype(np.float32) / 255
         shape = rgb.shape[:2]
         kept = [i for i, inst in enumerate(frame.instances) if evaluated(inst)]
@@ -210,7 +283,7 @@ def evaluate(dataset: BopDataset, image_ids: list[int], pipeline, coarse: dict,
         frame_ms.append(1e3 * (time.perf_counter() - started))
         for i in kept:
             inst, model = frame.instances[i], models[i]
-            points = dataset.load_model(inst.obj_id, eval=True).vertices.astype(np.float64)
+            points = objects.points[inst.obj_id]
             hypotheses = coarse[model.name].last if model.name in coarse else None
             coarse_pose = (make_pose(hypotheses.R[0], hypotheses.t[0])
                            if hypotheses is not None and len(hypotheses) else None)
@@ -227,10 +300,19 @@ def evaluate(dataset: BopDataset, image_ids: list[int], pipeline, coarse: dict,
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dataset = BopDataset(args.lmo_root or default_lmo_root())
-    image_ids = dataset.splits()[args.split][:args.n_images]
-    models = [dataset.load_model(obj_id) for obj_id in dataset.object_ids]
-    missing = missing_weights(args, models)
+    dataset = BopDataset(args.dataset or default_lmo_root(), DATASET_FOLDER)
+    splits = dataset.splits()
+    if splits and args.split not in splits:
+        print(f'eval-lmo: {dataset.root}/splits.json has no split {args.split!r}',
+              file=sys.stderr)
+        return 1
+    frames = list(dataset.frames(splits[args.split] if splits else None))[:args.n_images]
+    try:
+        objects = dataset_objects(dataset, args.objects)
+    except ValueError as error:
+        print(f'eval-lmo: {error}', file=sys.stderr)
+        return 1
+    missing = missing_weights(args, objects)
     if missing is not None:
         print(f'eval-lmo: {missing}: weights file not found (needed by --masks {args.masks} '
               f'--coarse {args.coarse}); train it with pose_tools train or choose '
@@ -239,14 +321,13 @@ def run(args: argparse.Namespace) -> int:
     segmenter = None
     if args.masks == 'predicted':
         from pose_node.crop.segmenter import load_segmenter
-        segmenter = load_segmenter(args.segmenter, device)
-    coarse = make_coarse(args, models, device)
-    loss = LossConfig() if args.colour_weight is None else LossConfig(
-        colour_weight=args.colour_weight)
-    pipeline = Pipeline(models, device,
-                        config=PipelineConfig(hypotheses=args.hypotheses, loss=loss),
+        segmenter = load_segmenter(segmenter_path(args, objects), device)
+    coarse = make_coarse(args, objects, device)
+    pipeline = Pipeline(list(objects.models.values()), device,
+                        config=PipelineConfig(hypotheses=args.hypotheses,
+                                              object_losses=object_losses(args, objects)),
                         segmenter=segmenter, coarse=coarse)
-    result = evaluate(dataset, image_ids, pipeline, coarse, args.masks, progress=True)
+    result = evaluate(frames, objects, pipeline, coarse, args.masks, progress=True)
     if not result.rows:
         print('eval-lmo: no instances to evaluate', file=sys.stderr)
         return 1
@@ -255,9 +336,10 @@ def run(args: argparse.Namespace) -> int:
     print_table(args, summary, median_ms)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        'split': args.split, 'masks': args.masks, 'coarse': args.coarse,
+        'dataset': str(dataset.root), 'split': args.split if splits else 'all',
+        'masks': args.masks, 'coarse': args.coarse,
         'hypotheses': args.hypotheses, 'colour_weight': args.colour_weight,
-        'n_images': len(image_ids), 'device': str(device),
+        'n_images': len(frames), 'device': str(device),
         'instances': f'visib_fract >= {MIN_VISIB_FRACT}',
         'add_s_recall': {stage: summary[stage]['add_s_recall'] for stage in STAGES},
         'summary': summary, 'median_ms_per_frame': median_ms, 'rows': result.rows},
