@@ -30,10 +30,18 @@ from pose_node.refine.refiner import OptimizerConfig
 from pose_node.render import Renderer, RenderMesh, make_renderer
 
 RENDER_MAX_FACES = 4000
-TRACKING_OVERRIDES = {'spread_deg': 0.0, 'levels': (Level(128, 0.7, 2),), 'iterations': 8}
-"""The default optimizer's settings for starts from a prior pose: one sharp level, no extra
-starts. From 3 deg / 2 % starts on 20 synthetic crops: median 0.047 deg (max 0.09) in 141 ms
-against 0.029 deg in 313 ms with the full coarse-to-fine schedule (2 busy cores)."""
+TRACKING_OVERRIDES = {'spread_deg': 0.0, 'levels': (Level(80, 0.5),), 'iterations': 12}
+"""The default optimizer's settings for starts from a prior pose: one small sharp level without
+supersampling, no extra starts; it usually stops before 12 iterations. Tracking a 20-frame
+synthetic demo stream with exact masks (1 thread): median 0.28 deg / 0.37 mm in 89 ms per frame;
+at 96 px 0.21 deg / 0.28 mm in 116 ms, at 64 px 0.31 deg / 0.49 mm in 70 ms. 80 px is the
+largest level whose frame time stays under a 10 Hz camera's period on 2 cores once the node's
+own work is added (bench-node: p95 199 ms against 253 ms at 96 px)."""
+TRACKING_REFINE = {'recentre': False, 'score_supersample': 1}
+"""refine() options for starts from a prior pose. A prior is already where the object was; moving
+it onto the centroid of an imprecise mask (the segmenter's) cost accuracy: on 2 x 29 tracked demo
+frames with the segmenter's masks, median 3.4 deg and one 60 deg loss with recentring, 1.5 deg
+without."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +198,8 @@ class Pipeline:
         result = refine(observation, self.meshes[name], (hypotheses.R, hypotheses.t),
                         self.renderer,
                         loss=self.config.object_losses.get(name, self.config.loss),
-                        optimizer=(self.tracking_optimizer if prior is not None
-                                   else self.detection_optimizer))
+                        **({'optimizer': self.tracking_optimizer, **TRACKING_REFINE}
+                           if prior is not None else {'optimizer': self.detection_optimizer}))
         timings['refine'] = _ms_since(started)
         pose = result.pose.detach().cpu().double().numpy()
         if not plausible_pose(pose, model.diameter):

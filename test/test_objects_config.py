@@ -28,7 +28,9 @@ def test_the_shipped_file_names_the_demo_object_in_metres():
     assert obj.colour_weight == 0.3     # its vertex colours are what the demo camera sees
     assert obj.mesh == DEMO_MESH and obj.mesh.is_absolute()
     assert obj.models_info == DEMO_INFO
-    assert config.segmenter is None and obj.regressor is None
+    # The built-in segmenter, trained on synthetic renders of the demo object.
+    assert config.segmenter == DEMO_MESH.parent / 'segmenter.pt' and config.segmenter.is_file()
+    assert obj.regressor is None
     (model,) = load_object_models(config)
     # models_info.json states 139.4538 mm and a 126 x 74 x 86.5 mm box
     assert model.diameter == pytest.approx(0.1394538)

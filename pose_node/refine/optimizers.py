@@ -382,22 +382,30 @@ def _levenberg_marquardt_level(problem: Problem, observation: Observation, level
     damping = torch.full((batch,), config.damping, dtype=R.dtype, device=R.device)
     rejections = torch.zeros(batch, dtype=torch.long, device=R.device)
     active = torch.ones(batch, dtype=torch.bool, device=R.device)
-    for _ in range(config.iterations - 1):
+    for step in range(1, config.iterations):
         index = active.nonzero().squeeze(1)
         if len(index) == 0:
             break
         before = current.select(index)
         R_try, t_try = apply_increment(R[index], t[index], _damped_step(before, damping[index]),
                                        problem.radius)
-        trial = linearize(problem, observation, level, R_try, t_try)
+        trial = residuals(problem, observation, level, R_try, t_try)
         accept = trial.cost < before.cost
         gain = (before.cost - trial.cost) / before.cost.clamp(min=1e-12)
         R[index[accept]], t[index[accept]] = R_try[accept], t_try[accept]
-        current.assign(index[accept], trial.select(accept))
+        current.cost[index[accept]] = trial.cost[accept]
         damping[index] *= torch.where(accept, config.damping_down, config.damping_up)
         rejections[index] = torch.where(accept, 0, rejections[index] + 1)
         stop = (accept & (gain < config.tolerance)) | (rejections[index] >= config.max_rejections)
         active[index[stop]] = False
+        # Only hypotheses that take another step need the Jacobian at their new pose.
+        going_on = accept & ~stop
+        if step < config.iterations - 1 and going_on.any():
+            moved = trial.select(going_on)
+            current.assign(index[going_on], Linearization(
+                residual=moved.residual, cost=moved.cost,
+                jacobian=jacobian(problem, observation, level, R_try[going_on],
+                                  t_try[going_on], moved)))
         costs.append(current.cost.clone())
     return R, t, costs
 
@@ -413,59 +421,115 @@ def _damped_step(current: Linearization, damping: torch.Tensor) -> torch.Tensor:
     return -torch.linalg.solve(system, (J.transpose(1, 2) @ r[..., None]))[..., 0]
 
 
-def linearize(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
-              t: torch.Tensor) -> Linearization:
-    """Render poses R (B, 3, 3), t (B, 3) once; blurred residuals and their Jacobian."""
+@dataclass
+class Residuals:
+    """One sharp render ``out`` of B poses, its residuals r (B, N) and cost (B,) = |r|^2, and the
+    per-pixel scales of the colour residuals (B, 3, H, W) (None without a colour term), which
+    their Jacobian shares."""
+
+    out: RenderOutput
+    residual: torch.Tensor
+    cost: torch.Tensor
+    colour_scale: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> 'Residuals':
+        """The hypotheses ``index`` (b,) (int64 or bool)."""
+        out = RenderOutput(*(None if plane is None else plane[index]
+                             for plane in (self.out.silhouette, self.out.rgb, self.out.depth)))
+        return Residuals(out, self.residual[index], self.cost[index],
+                         None if self.colour_scale is None else self.colour_scale[index])
+
+
+def residuals(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
+              t: torch.Tensor) -> Residuals:
+    """Render poses R (B, 3, 3), t (B, 3) once; their blurred, weighted residuals."""
     out = sharp_render(problem, R, t, observation, level.supersample)
     silhouette = out.silhouette[:, None]                                           # (B, 1, H, W)
     weight, mask = observation.weight, observation.mask
     # Ignored pixels take the render's own value, so that blurring does not carry the
     # occluder's absence of mask into the pixels around it.
     filled_mask = weight * mask + (1.0 - weight) * silhouette
+    parts = [_silhouette_scale(observation) * _gaussian_blur(silhouette - filled_mask,
+                                                             level.blur)]
+    colour_scale = None
+    if problem.loss.colour_weight > 0:
+        residual, colour_scale = _colour_residuals(out, observation, level, problem.loss)
+        parts.append(residual)
+    residual = torch.cat([part.reshape(R.shape[0], -1) for part in parts], dim=1)
+    return Residuals(out=out, residual=residual, cost=(residual * residual).sum(dim=1),
+                     colour_scale=colour_scale)
+
+
+def jacobian(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
+             t: torch.Tensor, rendered: Residuals) -> torch.Tensor:
+    """(B, N, 6) derivatives of ``rendered``'s residuals (of poses R (B, 3, 3), t (B, 3)) with
+    respect to the local increment of :func:`apply_increment`."""
     reach = math.ceil(3 * level.blur) + 1
     rim = rim_depth(problem.mesh, problem.edges, R, t, observation.K, observation.width,
                     observation.height)
     rim_motion = pixel_motion(grown_depth(rim, reach), observation.K, t, problem.radius)
-    silhouette_change = _content_change(silhouette, rim_motion)                    # (B,1,6,H,W)
-    scale = weight / (weight * mask).sum().clamp(min=1.0).sqrt()                   # (H, W)
-    residuals = [scale * (_gaussian_blur(silhouette - filled_mask, level.blur))]
-    jacobians = [scale * _blurred_change(silhouette_change, level.blur)]
-    if problem.loss.colour_weight > 0:
-        surface_motion = pixel_motion(grown_depth(out.depth, reach), observation.K, t,
+    silhouette_change = _content_change(rendered.out.silhouette[:, None], rim_motion)
+    parts = [_silhouette_scale(observation) * _blurred_change(silhouette_change, level.blur)]
+    if rendered.colour_scale is not None:
+        surface_motion = pixel_motion(grown_depth(rendered.out.depth, reach), observation.K, t,
                                       problem.radius)
-        residual, jacobian = _colour_terms(out, observation, level, surface_motion,
-                                           silhouette_change, problem.loss)
-        residuals.append(residual)
-        jacobians.append(jacobian)
-    batch = R.shape[0]
-    residual = torch.cat([r.reshape(batch, -1) for r in residuals], dim=1)
-    jacobian = torch.cat([j.movedim(2, -1).reshape(batch, -1, 6) for j in jacobians], dim=1)
-    return Linearization(residual=residual, jacobian=jacobian,
-                         cost=(residual * residual).sum(dim=1))
+        parts.append(_colour_jacobian(rendered, observation, level, surface_motion,
+                                      silhouette_change, problem.loss))
+    return torch.cat([part.movedim(2, -1).reshape(R.shape[0], -1, 6) for part in parts], dim=1)
 
 
-def _colour_terms(out: RenderOutput, observation: Observation, level: Level,
-                  surface_motion: torch.Tensor, silhouette_change: torch.Tensor, loss: LossConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour residuals (B, 3, H, W) and their derivatives (B, 3, 6, H, W): blurred ``gain * rgb -
-    silhouette * image`` over the observed mask, reweighted so that their squares sum to about
-    the ``colour_weight``-weighted mean absolute error (iteratively reweighted least squares).
-    The render moves with ``surface_motion`` (B, 2, 6, H, W); ``silhouette_change``
-    (B, 1, 6, H, W) is the unblurred silhouette's derivative."""
-    silhouette, rgb = out.silhouette, out.rgb
+def linearize(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
+              t: torch.Tensor) -> Linearization:
+    """Render poses R (B, 3, 3), t (B, 3) once; blurred residuals and their Jacobian."""
+    rendered = residuals(problem, observation, level, R, t)
+    return Linearization(residual=rendered.residual, cost=rendered.cost,
+                         jacobian=jacobian(problem, observation, level, R, t, rendered))
+
+
+def _silhouette_scale(observation: Observation) -> torch.Tensor:
+    """(H, W) weights of the silhouette residuals: ignored pixels 0, the others normalised by
+    the observed mask's size."""
+    weight = observation.weight
+    return weight / (weight * observation.mask).sum().clamp(min=1.0).sqrt()
+
+
+def _gained_render(out: RenderOutput, observation: Observation, loss: LossConfig
+                   ) -> torch.Tensor:
+    """(B, 3, H, W) the render's colours times the per-crop gain fitted to the observation."""
     overlap = observation.weight * observation.mask
-    gain = (colour_gain(rgb, silhouette, observation.image, overlap * silhouette)
-            if loss.colour_gain else torch.ones_like(rgb[:, 0, 0]))
-    rendered = (gain[:, None, None, :] * rgb).permute(0, 3, 1, 2)                  # (B, 3, H, W)
+    gain = (colour_gain(out.rgb, out.silhouette, observation.image, overlap * out.silhouette)
+            if loss.colour_gain else torch.ones_like(out.rgb[:, 0, 0]))
+    return (gain[:, None, None, :] * out.rgb).permute(0, 3, 1, 2)
+
+
+def _colour_residuals(out: RenderOutput, observation: Observation, level: Level,
+                      loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour residuals (B, 3, H, W) and their scales (B, 3, H, W): blurred ``gain * rgb -
+    silhouette * image`` over the observed mask, reweighted so that their squares sum to about
+    the ``colour_weight``-weighted mean absolute error (iteratively reweighted least squares)."""
+    silhouette = out.silhouette
+    overlap = observation.weight * observation.mask
     image = observation.image.permute(2, 0, 1)                                     # (3, H, W)
-    difference = _gaussian_blur(rendered - silhouette[:, None] * image, level.blur)
-    # The observed term changes where the coverage does: d(s * image) = image * ds.
-    change = _content_change(rendered, surface_motion) - image[:, None] * silhouette_change
+    difference = _gaussian_blur(_gained_render(out, observation, loss)
+                                - silhouette[:, None] * image, level.blur)
     count = 3.0 * (overlap * silhouette).sum(dim=(1, 2)).clamp(min=1.0)
     robust = torch.rsqrt(difference.abs() + 1e-3)
     scale = (math.sqrt(loss.colour_weight) * overlap * robust
-             / count.sqrt()[:, None, None, None])                                 # (B,3,H,W)
-    return scale * difference, scale[:, :, None] * _blurred_change(change, level.blur)
+             / count.sqrt()[:, None, None, None])
+    return scale * difference, scale
+
+
+def _colour_jacobian(rendered: Residuals, observation: Observation, level: Level,
+                     surface_motion: torch.Tensor, silhouette_change: torch.Tensor,
+                     loss: LossConfig) -> torch.Tensor:
+    """(B, 3, 6, H, W) derivatives of the colour residuals: the render moves with
+    ``surface_motion`` (B, 2, 6, H, W); ``silhouette_change`` (B, 1, 6, H, W) is the unblurred
+    silhouette's derivative (the gain and the scales are held fixed)."""
+    image = observation.image.permute(2, 0, 1)
+    # The observed term changes where the coverage does: d(s * image) = image * ds.
+    change = (_content_change(_gained_render(rendered.out, observation, loss), surface_motion)
+              - image[:, None] * silhouette_change)
+    return rendered.colour_scale[:, :, None] * _blurred_change(change, level.blur)
 
 
 FINE_GRADIENT_SIGMA = 0.5
@@ -508,12 +572,14 @@ def _separable(images: torch.Tensor, along_u: torch.Tensor, along_v: torch.Tenso
     """images (B, C, H, W) convolved with along_u (k,) along rows and along_v (k,) along columns;
     zero padding."""
     batch, channels, height, width = images.shape
-    radius = (len(along_u) - 1) // 2
-    flat = images.reshape(batch * channels, 1, height, width)
-    # conv2d correlates; flipped kernels turn that into a convolution.
-    rows = F.conv2d(flat, along_u.flip(0).view(1, 1, 1, -1), padding=(0, radius))
-    return F.conv2d(rows, along_v.flip(0).view(1, 1, -1, 1),
-                    padding=(radius, 0)).view(batch, channels, height, width)
+    planes, radius = batch * channels, (len(along_u) - 1) // 2
+    # One depthwise convolution over all planes: 3-4x faster on CPU than the same planes as a
+    # batch of single-channel images. conv2d correlates; flipped kernels make it a convolution.
+    flat = images.reshape(1, planes, height, width)
+    rows = F.conv2d(flat, along_u.flip(0).view(1, 1, 1, -1).expand(planes, 1, 1, -1),
+                    padding=(0, radius), groups=planes)
+    return F.conv2d(rows, along_v.flip(0).view(1, 1, -1, 1).expand(planes, 1, -1, 1),
+                    padding=(radius, 0), groups=planes).view(batch, channels, height, width)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -47,7 +47,7 @@ PARAMETERS = (
     ParameterSpec('publish_debug_image', True, 'publish ~/debug_image (contours and axes drawn '
                   'on the input) while someone subscribes'),
     ParameterSpec('tracking', True, 'refine from the previous pose instead of detecting anew'),
-    ParameterSpec('redetect_interval', 30, 'while tracking, detect anew every this many frames; '
+    ParameterSpec('redetect_interval', 0, 'while tracking, detect anew every this many frames; '
                   '0: only when an object is lost', low=0, high=1_000_000),
     ParameterSpec('max_rate_hz', 0.0, 'process at most this many frames per second; 0: as many '
                   'as the pipeline keeps up with', low=0.0, high=1000.0),

@@ -16,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from pose_node.datasets.synthetic import procedural_background, random_pose_in_view
 from pose_node.render.raycast import RaycastScene
-from pose_node.resources import demo_object_dir, load_demo_object, share_dir
+from pose_node.resources import demo_object_dir, load_demo_object
 
 WIDTH, HEIGHT = 640, 480
 K_DEMO = np.array([[600.0, 0.0, 319.5], [0.0, 600.0, 239.5], [0.0, 0.0, 1.0]])
@@ -35,6 +34,8 @@ TRUE_COLOR = (40, 220, 40)
 STARTUP_TIMEOUT_S = 300.0   # the first start on a machine builds the template bank
 BASE_STAMP_NS = 1_700_000_000_000_000_000
 FIRST_ANSWER_TIMEOUT_S = 60.0
+SEGMENTER = demo_object_dir() / 'segmenter.pt'
+"""The built-in segmenter's weights, as the shipped objects file names them."""
 
 
 def register(subparsers) -> None:
@@ -75,26 +76,18 @@ def render_synthetic_frame(scene: RaycastScene, rng: np.random.Generator) -> Syn
                           pose=pose)
 
 
-def node_command(objects_file: Path, use_mask_topic: bool, threads: int,
-                 extra: tuple[str, ...] = ()) -> list[str]:
-    """The pose_node console script next to this Python with its --ros-args."""
+def node_command(use_mask_topic: bool, threads: int) -> list[str]:
+    """The pose_node console script next to this Python with its --ros-args (the shipped
+    objects file)."""
     return [str(Path(sys.executable).parent / 'pose_node'), '--ros-args',
-            '-p', f'objects_file:={objects_file}',
             '-p', f'use_mask_topic:={str(use_mask_topic).lower()}',
-            '-p', f'torch_threads:={threads}', *extra]
+            '-p', f'torch_threads:={threads}']
 
 
-def objects_file_for_demo(folder: Path, masks: str) -> tuple[Path, bool]:
-    """The objects file the demo's node reads and whether masks come from the mask topic: the
-    shipped file, plus the built-in segmenter when ``masks`` asks for it (or, for 'auto', when
-    its weights exist)."""
-    shipped = share_dir() / 'config' / 'objects.yaml'
-    segmenter = demo_object_dir() / 'segmenter.pt'
-    if masks == 'topic' or (masks == 'auto' and not segmenter.is_file()):
-        return shipped, True
-    path = folder / 'objects.yaml'
-    path.write_text(f'segmenter: {segmenter}\n' + shipped.read_text())
-    return path, False
+def masks_from_topic(masks: str) -> bool:
+    """Whether the demo's node takes masks from the mask topic rather than from the built-in
+    segmenter that the shipped objects file names."""
+    return masks == 'topic' or (masks == 'auto' and not SEGMENTER.is_file())
 
 
 def stop_node(process: subprocess.Popen) -> None:
@@ -116,29 +109,27 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     use_large_message_transport(os.environ)
     model = load_demo_object()
-    with tempfile.TemporaryDirectory() as folder:
-        objects_file, use_mask_topic = objects_file_for_demo(Path(folder), args.masks)
-        print('masks: ' + ('published on the mask topic' if use_mask_topic
-                           else f'built-in segmenter {demo_object_dir() / "segmenter.pt"}'))
-        process = subprocess.Popen(node_command(objects_file, use_mask_topic, args.threads),
-                                   env=os.environ)
-        context = Context()
-        rclpy.init(context=context)
-        client = NodeClient(context, [model.name])
-        try:
-            started = time.monotonic()
-            frames = synthetic_stream([model], K_DEMO, WIDTH, HEIGHT, args.frames,
-                                      np.random.default_rng(args.seed))
-            print(f'rendered {len(frames)} frames in {time.monotonic() - started:.1f} s')
-            if not client.wait_for_node(STARTUP_TIMEOUT_S, with_mask=use_mask_topic):
-                print('demo: pose_node did not come up', file=sys.stderr)
-                return 1
-            rows = stream(client, frames, args.camera_hz, use_mask_topic)
-            print_node_health(client)
-        finally:
-            client.close()
-            context.try_shutdown()
-            stop_node(process)
+    use_mask_topic = masks_from_topic(args.masks)
+    print('masks: ' + ('published on the mask topic' if use_mask_topic
+                       else f'built-in segmenter {SEGMENTER}'))
+    process = subprocess.Popen(node_command(use_mask_topic, args.threads), env=os.environ)
+    context = Context()
+    rclpy.init(context=context)
+    client = NodeClient(context, [model.name])
+    try:
+        started = time.monotonic()
+        frames = synthetic_stream([model], K_DEMO, WIDTH, HEIGHT, args.frames,
+                                  np.random.default_rng(args.seed))
+        print(f'rendered {len(frames)} frames in {time.monotonic() - started:.1f} s')
+        if not client.wait_for_node(STARTUP_TIMEOUT_S, with_mask=use_mask_topic):
+            print('demo: pose_node did not come up', file=sys.stderr)
+            return 1
+        rows = stream(client, frames, args.camera_hz, use_mask_topic)
+        print_node_health(client)
+    finally:
+        client.close()
+        context.try_shutdown()
+        stop_node(process)
     if not rows:
         print('demo: frames=0 median_rot_err_deg=nan median_trans_err_mm=nan rate_hz=0.00')
         return 1
