@@ -19,7 +19,7 @@ from pose_node.refine import (ROTATIONS, AdamConfig, LevenbergMarquardtConfig, L
                               recentred_translations, refine, resized_observation, soft_iou)
 from pose_node.mesh import ObjectModel
 from pose_node.refine.losses import colour_gain
-from pose_node.refine.motion import mesh_edges, rim_depth
+from pose_node.refine.motion import rim_depth
 from pose_node.refine.optimizers import (Problem, levenberg_marquardt_refine, linearize,
                                          spread_starts)
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
@@ -307,13 +307,13 @@ def box_model(extents) -> ObjectModel:
 def test_rim_of_a_box_follows_its_outline():
     model = box_model((0.1, 0.06, 0.04))
     mesh = RenderMesh.from_model(model, CPU)
-    edges = mesh_edges(mesh)
+    edges = mesh.edges
     # 8 corners: 12 box edges and 6 face diagonals, each between two triangles.
     assert edges.vertices.shape == (18, 2) and edges.face_count.tolist() == [2] * 18
     R = Rotation.from_euler('xyz', [25, -35, 10], degrees=True).as_matrix()
     t = np.array([0.01, -0.005, 0.5])
     K = np.array([[500.0, 0.0, 47.5], [0.0, 500.0, 47.5], [0.0, 0.0, 1.0]])
-    rim = rim_depth(mesh, edges, torch.as_tensor(R[None], dtype=torch.float32),
+    rim = rim_depth(mesh, torch.as_tensor(R[None], dtype=torch.float32),
                     torch.as_tensor(t[None], dtype=torch.float32),
                     torch.as_tensor(K, dtype=torch.float32), CROP, CROP)[0].numpy()
     coverage = RaycastScene([model]).render(make_pose(R, t)[None], K, CROP, CROP,

@@ -11,8 +11,6 @@ inside the outline can be a whole object radius nearer than the rim.
 
 Shapes: B poses, images H x W; K (3, 3) pixels; depths metres, 0 where nothing is known.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -23,36 +21,7 @@ RIM_SAMPLE_SPACING_PX = 0.5
 so that a rim leaves no gaps."""
 
 
-@dataclass(frozen=True)
-class MeshEdges:
-    """Undirected edges of a mesh, vertices at equal positions welded (colour seams are not edges).
-
-    vertices (E, 2) int64: the edge's end vertices; of_face (F, 3) int64: the edge id of corner
-    k -> k+1 of each face; face_count (E,): how many faces share the edge.
-    """
-
-    vertices: torch.Tensor
-    of_face: torch.Tensor
-    face_count: torch.Tensor
-
-
-def mesh_edges(mesh: RenderMesh) -> MeshEdges:
-    """The :class:`MeshEdges` of ``mesh``."""
-    _, welded = torch.unique(mesh.vertices, dim=0, return_inverse=True)
-    start = welded[mesh.faces]
-    end = start.roll(-1, dims=1)
-    n_vertices = mesh.vertices.shape[0]
-    keys = torch.minimum(start, end) * n_vertices + torch.maximum(start, end)
-    unique_keys, of_face = torch.unique(keys.flatten(), return_inverse=True)
-    of_face = of_face.view(mesh.faces.shape)
-    corners = torch.stack([mesh.faces, mesh.faces.roll(-1, dims=1)], dim=-1)     # (F, 3, 2)
-    vertices = torch.zeros(len(unique_keys), 2, dtype=torch.long, device=mesh.device)
-    vertices[of_face.flatten()] = corners.reshape(-1, 2)
-    face_count = torch.bincount(of_face.flatten(), minlength=len(unique_keys))
-    return MeshEdges(vertices=vertices, of_face=of_face, face_count=face_count)
-
-
-def rim_depth(mesh: RenderMesh, edges: MeshEdges, R: torch.Tensor, t: torch.Tensor,
+def rim_depth(mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor,
               K: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """(B, H, W) camera-frame depth of the nearest contour edge crossing each pixel, 0 elsewhere.
 
@@ -64,6 +33,7 @@ def rim_depth(mesh: RenderMesh, edges: MeshEdges, R: torch.Tensor, t: torch.Tens
     normals = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0],
                                  corners[:, :, 2] - corners[:, :, 0], dim=-1)
     facing = ((normals * corners.mean(dim=2)).sum(-1) < 0).long()                  # (B, F)
+    edges = mesh.edges
     batch, n_edges = R.shape[0], edges.face_count.shape[0]
     facing_count = torch.zeros(batch, n_edges, dtype=torch.long, device=R.device).scatter_add_(
         1, edges.of_face.flatten().expand(batch, -1), facing.repeat_interleave(3, dim=1))

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from pose_node.geometry import axis_angle_to_matrix
 from pose_node.refine.losses import (LossConfig, Observation, colour_gain, refine_loss,
                                      resampled_intrinsics, resized_observation, soft_iou)
-from pose_node.refine.motion import MeshEdges, grown_depth, mesh_edges, pixel_motion, rim_depth
+from pose_node.refine.motion import grown_depth, pixel_motion, rim_depth
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
                                               check_rotation, check_translation,
                                               params_to_rotation, params_to_translation,
@@ -63,13 +63,12 @@ from pose_node.render.base import Renderer, RenderMesh, RenderOutput, Shading
 
 @dataclass(frozen=True)
 class Problem:
-    """One refinement: ``renderer`` draws ``mesh`` (its ``edges``) to compare with ``observation``
+    """One refinement: ``renderer`` draws ``mesh`` to compare with ``observation``
     (full resolution) under ``loss``; ``shading`` of the colour render; ``radius`` (metres) of the
     mesh about its origin (the unit of lateral steps)."""
 
     renderer: Renderer
     mesh: RenderMesh
-    edges: MeshEdges
     observation: Observation
     loss: LossConfig
     shading: Shading
@@ -78,8 +77,8 @@ class Problem:
     @classmethod
     def create(cls, renderer: Renderer, mesh: RenderMesh, observation: Observation,
                loss: LossConfig = LossConfig(), shading: Shading = Shading()) -> 'Problem':
-        return cls(renderer=renderer, mesh=mesh, edges=mesh_edges(mesh), observation=observation,
-                   loss=loss, shading=shading, radius=float(mesh.vertices.norm(dim=1).max()))
+        return cls(renderer=renderer, mesh=mesh, observation=observation, loss=loss,
+                   shading=shading, radius=float(mesh.vertices.norm(dim=1).max()))
 
     def at_size(self, size: int) -> Observation:
         """The observation resampled to a longer side of ``size`` px, never enlarged."""
@@ -465,7 +464,7 @@ def jacobian(problem: Problem, observation: Observation, level: Level, R: torch.
     """(B, N, 6) derivatives of ``rendered``'s residuals (of poses R (B, 3, 3), t (B, 3)) with
     respect to the local increment of :func:`apply_increment`."""
     reach = math.ceil(3 * level.blur) + 1
-    rim = rim_depth(problem.mesh, problem.edges, R, t, observation.K, observation.width,
+    rim = rim_depth(problem.mesh, R, t, observation.K, observation.width,
                     observation.height)
     rim_motion = pixel_motion(grown_depth(rim, reach), observation.K, t, problem.radius)
     silhouette_change = _content_change(rendered.out.silhouette[:, None], rim_motion)

@@ -7,11 +7,25 @@ tensors on the mesh's device, differentiable with respect to ``R`` and ``t``.
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from pose_node.mesh import ObjectModel
+
+
+@dataclass(frozen=True)
+class MeshEdges:
+    """Undirected edges of a mesh, vertices at equal positions welded (colour seams are not edges).
+
+    vertices (E, 2) int64: the edge's end vertices; of_face (F, 3) int64: the edge id of corner
+    k -> k+1 of each face; face_count (E,): how many faces share the edge.
+    """
+
+    vertices: torch.Tensor
+    of_face: torch.Tensor
+    face_count: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,22 @@ class RenderMesh:
     @property
     def device(self) -> torch.device:
         return self.vertices.device
+
+    @cached_property
+    def edges(self) -> MeshEdges:
+        """The mesh's :class:`MeshEdges` (computed once per mesh)."""
+        _, welded = torch.unique(self.vertices, dim=0, return_inverse=True)
+        start = welded[self.faces]
+        end = start.roll(-1, dims=1)
+        n_vertices = self.vertices.shape[0]
+        keys = torch.minimum(start, end) * n_vertices + torch.maximum(start, end)
+        unique_keys, of_face = torch.unique(keys.flatten(), return_inverse=True)
+        of_face = of_face.view(self.faces.shape)
+        corners = torch.stack([self.faces, self.faces.roll(-1, dims=1)], dim=-1)   # (F, 3, 2)
+        vertices = torch.zeros(len(unique_keys), 2, dtype=torch.long, device=self.device)
+        vertices[of_face.flatten()] = corners.reshape(-1, 2)
+        face_count = torch.bincount(of_face.flatten(), minlength=len(unique_keys))
+        return MeshEdges(vertices=vertices, of_face=of_face, face_count=face_count)
 
 
 @dataclass(frozen=True)
