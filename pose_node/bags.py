@@ -11,7 +11,8 @@ Ground-truth bags made from BOP (``write_bop_bag``), topics (stamps: frame k at 
 - ``/camera/image_raw`` sensor_msgs/Image rgb8;
 - ``/camera/camera_info`` sensor_msgs/CameraInfo (K, P = [K | 0], no distortion);
 - ``/camera/mask`` sensor_msgs/Image mono8 label image (optional): pixel value i is the i-th
-  object of the objects file written beside the bag, 0 background;
+  object of the objects file written beside the bag, 0 background, 255 unknown (hidden by an
+  occluder the dataset does not annotate);
 - ``/ground_truth/<object>/pose`` geometry_msgs/PoseStamped in METRES (BOP files are in mm), for
   the BOP evaluation targets at least ``min_visib_fract`` visible (default 0.1).
 Object names are the LM-O names (``LMO_OBJECT_NAMES``: ape, can, ...), readable in topic and TF
@@ -31,11 +32,11 @@ from rosbags.typesys import Stores, get_typestore, get_types_from_msg
 from rosbags.typesys.base import Nodetype
 from rosbags.typesys.store import Typestore
 
-from pose_node.datasets.bop import BopDataset, BopFrame
+from pose_node.crop import UNKNOWN_LABEL, stored_labels
+from pose_node.datasets.bop import BopDataset, BopFrame, visible_labels
 from pose_node.evaluation import Recording
 from pose_node.geometry import make_pose, matrix_to_quaternion, quaternion_to_matrix
 from pose_node.mesh import ObjectModel
-from pose_node.render.raycast import RaycastScene
 
 IMAGE_TOPIC = '/camera/image_raw'
 CAMERA_INFO_TOPIC = '/camera/camera_info'
@@ -57,7 +58,6 @@ IMAGE_LAYOUTS = {'rgb8': (3, np.uint8), 'bgr8': (3, np.uint8), 'rgba8': (4, np.u
                  'mono16': (1, np.uint16), '16UC1': (1, np.uint16)}
 """encoding -> (channels, dtype) of the images read here."""
 STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
-_BEHIND_CAMERA = make_pose(np.eye(3), np.array([0.0, 0.0, -10.0]))
 
 
 # --------------------------------------------------------------------------- typestores
@@ -107,10 +107,11 @@ def image_msg(store: Typestore, pixels: np.ndarray, stamp: int, frame_id: str, e
 
 
 def label_image_msg(store: Typestore, labels: np.ndarray, stamp: int, frame_id: str):
-    """Mask label image (H, W) ints 0..65535: mono8 when every value fits in 8 bits, else 16UC1."""
-    if labels.max(initial=0) < 256:
-        return image_msg(store, labels.astype(np.uint8), stamp, frame_id, 'mono8')
-    return image_msg(store, labels.astype(np.uint16), stamp, frame_id, '16UC1')
+    """Mask label image of (H, W) ints (see ``pose_node.crop.stored_labels``): mono8 below 255
+    objects, else 16UC1."""
+    stored = stored_labels(labels)
+    return image_msg(store, stored, stamp, frame_id,
+                     'mono8' if stored.dtype == np.uint8 else '16UC1')
 
 
 def camera_info_msg(store: Typestore, K: np.ndarray, width: int, height: int, stamp: int,
@@ -334,31 +335,19 @@ def write_yaml(path: Path, document: dict, comment: str) -> None:
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))
 
 
-def visible_labels(scene: RaycastScene, objects: list[BagObject], frame: BopFrame,
-                   width: int, height: int) -> np.ndarray:
-    """(H, W) int32 label image: 1 + index into ``objects`` of the object visible at each pixel,
-    0 background. Ray-cast from all GT poses (z-buffer across objects) and clipped to BOP's
-    ``bbox_visib``, since LM-O leaves some occluders unannotated (see refine_cases.lmo_cases).
-    ``scene`` holds the models of ``objects`` in order."""
+def object_labels(objects: list[BagObject], frame: BopFrame, width: int,
+                  height: int) -> np.ndarray:
+    """(H, W) int label image of ``frame``'s ground truth: 1 + index into ``objects`` of the
+    object visible at each pixel, 0 background, UNKNOWN_LABEL where an occluder LM-O does not
+    annotate hides an object (see ``bop.visible_labels``)."""
     index_of = {obj.obj_id: index for index, obj in enumerate(objects)}
-    poses = np.repeat(_BEHIND_CAMERA[None], len(objects), axis=0)
-    for inst in frame.instances:
-        poses[index_of[inst.obj_id]] = make_pose(inst.R, inst.t)
-    rendered = scene.render(poses, frame.K, width, height).labels
-    labels = np.zeros_like(rendered)
-    for inst in frame.instances:
-        label = index_of[inst.obj_id] + 1
-        inside = _box_mask(inst.bbox_visib, rendered.shape) if inst.bbox_visib else True
-        labels[(rendered == label) & inside] = label
+    models = {obj.obj_id: obj.model for obj in objects}
+    instance_labels, unknown = visible_labels(
+        frame, [models[inst.obj_id] for inst in frame.instances], width, height)
+    label_of_instance = np.array([0] + [index_of[inst.obj_id] + 1 for inst in frame.instances])
+    labels = label_of_instance[instance_labels]
+    labels[unknown] = UNKNOWN_LABEL
     return labels
-
-
-def _box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool of a BOP box (x, y, w, h), last column x + w included as BOP counts it."""
-    x, y, w, h = box_xywh
-    mask = np.zeros(shape, bool)
-    mask[max(y, 0):max(y + h + 1, 0), max(x, 0):max(x + w + 1, 0)] = True
-    return mask
 
 
 def ground_truth_instances(frame: BopFrame, targets: set[tuple[int, int]] | None,
@@ -455,13 +444,11 @@ def write_bop_bag(out_dir: Path, dataset: BopDataset, image_ids: list[int], rate
     targets_path = dataset.root / 'test_targets_bop19.json'
     targets = ({(t.image_id, t.obj_id) for t in dataset.targets()}
                if targets_path.is_file() else None)
-    scene = RaycastScene([obj.model for obj in objects]) if with_masks else None
     with BagWriter(out_dir / BAG_DIR, store or default_store(), storage) as writer:
         for index, frame in enumerate(dataset.frames(image_ids)):
             rgb = frame.load_rgb()
-            labels = None
-            if scene is not None:
-                labels = visible_labels(scene, objects, frame, rgb.shape[1], rgb.shape[0])
+            labels = object_labels(objects, frame, rgb.shape[1], rgb.shape[0]) \
+                if with_masks else None
             write_bop_frame(writer, frame, rgb, frame_stamp(index, rate_hz, t0_ns), objects,
                             ground_truth_instances(frame, targets, min_visib_fract), labels)
             yield frame

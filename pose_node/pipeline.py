@@ -137,13 +137,16 @@ class Pipeline:
 
     def estimate(self, image: np.ndarray, K: np.ndarray,
                  masks: dict[str, np.ndarray] | None = None,
-                 prior_poses: dict[str, np.ndarray] | None = None) -> dict[str, PoseEstimate]:
+                 prior_poses: dict[str, np.ndarray] | None = None,
+                 ignore: np.ndarray | None = None) -> dict[str, PoseEstimate]:
         """Poses of the objects found in ``image`` (H, W, 3) with intrinsics ``K`` (3, 3).
 
         masks: per object name its visible mask (H, W) (bool or 0..1); objects left out are
         looked for by the segmenter. prior_poses: per object name a pose (4, 4) to track from.
+        ignore: (H, W) pixels whose content is unknown to the masks (e.g. hidden by an occluder
+        they do not name): no object is compared there, like other objects' masks.
         Objects without a mask, or whose estimate is not a finite pose in front of the camera,
-        are left out of the result. Raises ValueError on a malformed image, K or mask.
+        are left out of the result. Raises ValueError on a malformed image, K, mask or ignore.
         """
         image = checked_image(image)
         K = checked_intrinsics(K)
@@ -151,6 +154,8 @@ class Pipeline:
         started = time.perf_counter()
         visible = {name: checked_mask(mask, (height, width), name)
                    for name, mask in (masks or {}).items() if name in self.models}
+        unknown = (np.zeros((height, width), bool) if ignore is None
+                   else checked_mask(ignore, (height, width), 'ignore') > 0.5)
         if self.segmenter is not None and set(visible) != set(self.models):
             for name, (mask, _score) in self.segmenter.segment(image).items():
                 visible.setdefault(name, mask)
@@ -159,7 +164,7 @@ class Pipeline:
                    if np.count_nonzero(mask > 0.5) >= self.config.min_mask_pixels}
         estimates = {}
         for name, mask in visible.items():
-            others = np.zeros((height, width), bool)
+            others = unknown.copy()
             for other, other_mask in visible.items():
                 if other != name:
                     others |= other_mask > 0.5

@@ -23,6 +23,7 @@ from scipy.spatial.transform import Rotation  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
+from pose_node.crop import UNKNOWN_LABEL, stored_labels  # noqa: E402
 from pose_node.overlay import draw_axes  # noqa: E402
 from pose_node.render.raycast import RaycastScene  # noqa: E402
 from pose_node.resources import load_demo_object  # noqa: E402
@@ -175,23 +176,29 @@ def raw_frame(distortion: list[float], rgb: np.ndarray, labels: np.ndarray) -> M
 def test_raw_input_is_undistorted_with_opencv_and_rectified_input_uses_p():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-    labels = np.zeros((HEIGHT, WIDTH), np.uint8)
+    labels = np.zeros((HEIGHT, WIDTH), np.int32)
     labels[100:300, 200:400] = 2
+    labels[300:340, 200:400] = UNKNOWN_LABEL
+    stored = stored_labels(labels)
     distortion = [-0.3, 0.1, 0.001, -0.002, 0.0]
     frame = raw_frame(distortion, rgb, labels)
     cache = {}
-    image, camera, masks = frame_inputs(frame, ['a', 'b'], False, cache)
+    inputs = frame_inputs(frame, ['a', 'b'], False, cache)
+    image, camera, masks, ignore = inputs.rgb, inputs.camera, inputs.masks, inputs.ignore
     map_x, map_y = cv2.initUndistortRectifyMap(K, np.array(distortion), None, K,
                                                (WIDTH, HEIGHT), cv2.CV_32FC1)
     expected = cv2.remap(rgb.astype(np.float32) / 255, map_x, map_y, cv2.INTER_LINEAR)
     np.testing.assert_allclose(image, expected, atol=1e-6)
     np.testing.assert_array_equal(camera.K, K)
     assert not camera.has_distortion and len(cache) == 1
-    expected_mask = cv2.remap(labels, map_x, map_y, cv2.INTER_NEAREST) == 2
+    expected_mask = cv2.remap(stored, map_x, map_y, cv2.INTER_NEAREST) == 2
     assert set(masks) == {'b'}
     np.testing.assert_array_equal(masks['b'], expected_mask)
     assert 0 < np.count_nonzero(masks['b'] != (labels == 2))      # it did move
-    image, camera, _ = frame_inputs(frame, ['a', 'b'], True, cache)
+    np.testing.assert_array_equal(
+        ignore, cv2.remap(stored, map_x, map_y, cv2.INTER_NEAREST) == np.iinfo(np.uint8).max)
+    inputs = frame_inputs(frame, ['a', 'b'], True, cache)
+    image, camera = inputs.rgb, inputs.camera
     np.testing.assert_allclose(camera.K[:2, :2], 0.9 * K[:2, :2])  # P, not K
     np.testing.assert_array_equal(image, rgb.astype(np.float32) / 255)
 
@@ -251,13 +258,18 @@ def dilated(mask: np.ndarray) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
 
 
-def test_label_image_becomes_one_mask_per_object():
-    labels = np.zeros((4, 5), np.uint8)
-    labels[1, 1:3], labels[3, 4] = 1, 3
-    masks = label_msg_to_masks(label_image_msg(labels, Header()), ['a', 'b', 'c'])
-    assert set(masks) == {'a', 'c'}
-    np.testing.assert_array_equal(masks['a'], labels == 1)
-    np.testing.assert_array_equal(masks['c'], labels == 3)
+@pytest.mark.parametrize('objects, encoding', [(3, 'mono8'), (300, '16UC1')])
+def test_label_image_becomes_one_mask_per_object_and_unknown_pixels(objects, encoding):
+    labels = np.zeros((4, 5), np.int32)
+    labels[1, 1:3], labels[3, 4], labels[0, 0] = 1, objects, UNKNOWN_LABEL
+    msg = label_image_msg(labels, Header())
+    assert msg.encoding == encoding
+    names = [f'o{i}' for i in range(1, objects + 1)]
+    masks, unknown = label_msg_to_masks(msg, names)
+    assert set(masks) == {'o1', names[-1]}
+    np.testing.assert_array_equal(masks['o1'], labels == 1)
+    np.testing.assert_array_equal(masks[names[-1]], labels == objects)
+    np.testing.assert_array_equal(unknown, labels == UNKNOWN_LABEL)
 
 
 # ----------------------------------------------------------------------------- the real node

@@ -81,6 +81,24 @@ def test_detection_refines_the_coarse_hypotheses(model, frame):
     assert rot_deg < 1.0 and trans_mm < 3.0
 
 
+def test_ignored_pixels_let_a_hidden_part_count_as_unknown(model, frame):
+    image, mask, pose = frame
+    cols = np.nonzero(mask.any(axis=0))[0]
+    hidden = np.zeros_like(mask, bool)
+    hidden[:, int(np.percentile(cols, 60)):] = True  # an occluder the masks do not name
+    occluded = np.where(hidden[..., None], 0.5, image).astype(np.float32)
+    visible = {model.name: (mask > 0.5) & ~hidden}
+    pipeline = Pipeline([model], torch.device('cpu'),
+                        coarse={model.name: PerturbedTruth(pose, 12.0)})
+    told = pipeline.estimate(occluded, SYNTHETIC_K, masks=visible, ignore=hidden)[model.name]
+    untold = pipeline.estimate(occluded, SYNTHETIC_K, masks=visible)[model.name]
+    told_rot, told_trans = errors(told, pose)
+    untold_rot, untold_trans = errors(untold, pose)
+    assert told_rot < 1.0 and told_trans < 3.0
+    # Without being told, the hidden part is taken for background and the pose shrinks onto it.
+    assert untold_rot > 3 * told_rot or untold_trans > 3 * told_trans
+
+
 def test_objects_without_mask_or_start_are_left_out(pipeline, model, frame):
     image, mask, _ = frame
     assert pipeline.estimate(image, SYNTHETIC_K) == {}
@@ -110,6 +128,8 @@ def test_bad_intrinsics_are_rejected(pipeline, frame, K):
 def test_mask_of_the_wrong_size_is_rejected(pipeline, model, frame):
     with pytest.raises(ValueError, match='shape'):
         pipeline.estimate(frame[0], SYNTHETIC_K, masks={model.name: np.ones((10, 10))})
+    with pytest.raises(ValueError, match='ignore'):
+        pipeline.estimate(frame[0], SYNTHETIC_K, ignore=np.ones((10, 10)))
 
 
 def test_plausible_pose():

@@ -82,6 +82,36 @@ def cut_crop(image: np.ndarray, K: np.ndarray, box: np.ndarray, size: int,
                 K=transform_intrinsics(K, crop_transform(square, out)), box=square)
 
 
+UNKNOWN_LABEL = -1
+"""In (H, W) int label images (0 background, i the i-th object): pixels of unknown content, e.g.
+hidden by an occluder the labels do not name; the pipeline ignores them. Stored label images
+(8 or 16 bits) use their type's largest value instead (255, 65535), as segmentation datasets mark
+pixels to ignore."""
+
+
+def stored_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` (H, W) ints (0, 1..N, UNKNOWN_LABEL) as a label image stores them: uint8 when
+    N < 255, else uint16; unknown pixels become the type's largest value."""
+    labels = np.asarray(labels)
+    highest = int(labels.max(initial=0))
+    if highest >= np.iinfo(np.uint16).max or labels.min(initial=0) < UNKNOWN_LABEL:
+        raise ValueError(f'labels must be {UNKNOWN_LABEL}..65534, got {labels.min()}..{highest}')
+    dtype = np.uint8 if highest < np.iinfo(np.uint8).max else np.uint16
+    stored = labels.astype(dtype)
+    stored[labels == UNKNOWN_LABEL] = np.iinfo(dtype).max
+    return stored
+
+
+def label_masks(stored: np.ndarray, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The masks in a stored label image (H, W) uint8 or uint16 (pixel value i is ``names[i - 1]``,
+    0 background, the type's largest value unknown): per object name its mask (H, W) bool, leaving
+    out objects without pixels; and the unknown pixels (H, W) bool."""
+    stored = np.asarray(stored)
+    masks = {name: stored == index + 1 for index, name in enumerate(names)}
+    return ({name: mask for name, mask in masks.items() if mask.any()},
+            stored == np.iinfo(stored.dtype).max)
+
+
 class Segmenter(Protocol):
     """Anything that finds the configured objects' visible masks in a full image."""
 

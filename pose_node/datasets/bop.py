@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel, load_models_info, load_object_model
+from pose_node.render.raycast import RaycastScene
 
 LMO_ROOT_ENV = 'POSE_NODE_LMO_ROOT'
 BOP_UNIT_SCALE = 0.001
@@ -71,6 +73,34 @@ class BopFrame:
             raise FileNotFoundError(f'{self.rgb_path}: image not found')
         with Image.open(self.rgb_path) as image:
             return np.asarray(image.convert('RGB'))
+
+
+def bop_box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool of a BOP box (x, y, w, h): columns x..x+w and rows y..y+h inclusive (BOP's
+    width is the last minus the first column)."""
+    x, y, w, h = box_xywh
+    mask = np.zeros(shape, bool)
+    mask[max(y, 0):max(y + h + 1, 0), max(x, 0):max(x + w + 1, 0)] = True
+    return mask
+
+
+def visible_labels(frame: BopFrame, models: list[ObjectModel], width: int,
+                   height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ground-truth visible masks of ``frame``'s instances (``models`` in the same order).
+
+    Returns labels (H, W) int32, 1 + the index of the instance seen at each pixel (0: none), ray-cast
+    from all GT poses and clipped to each instance's ``bbox_visib``; and unknown (H, W) bool, what
+    the clipping removed. LM-O does not annotate every occluder (``bbox_visib`` comes from real
+    depth), so those pixels are hidden by something unnamed: neither the object nor background.
+    """
+    poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
+    rendered = RaycastScene(models).render(poses, frame.K, width, height).labels
+    labels = np.zeros_like(rendered)
+    for index, inst in enumerate(frame.instances):
+        inside = True if inst.bbox_visib is None else bop_box_mask(inst.bbox_visib,
+                                                                   rendered.shape)
+        labels[(rendered == index + 1) & inside] = index + 1
+    return labels, (rendered > 0) & (labels == 0)
 
 
 @dataclass(frozen=True)

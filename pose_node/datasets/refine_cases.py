@@ -19,7 +19,7 @@ import numpy as np
 
 from pose_node.camera import crop_transform, square_box_around, transform_intrinsics
 from pose_node.crop import CROP_SCALE, cut_crop, mask_box, projected_box, union_box
-from pose_node.datasets.bop import BopDataset
+from pose_node.datasets.bop import BopDataset, visible_labels
 from pose_node.datasets.synthetic import photometric_noise, procedural_background, \
     random_pose_in_view
 from pose_node.geometry import make_pose, perturb_pose
@@ -100,28 +100,18 @@ def lmo_cases(dataset: BopDataset, image_ids: list[int], rot_deg: float, trans_f
         models = [dataset.load_model(inst.obj_id) for inst in frame.instances]
         rgb = frame.load_rgb().astype(np.float32) / 255
         height, width = rgb.shape[:2]
-        poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
-        labels = RaycastScene(models).render(poses, frame.K, width, height).labels
+        labels, unknown = visible_labels(frame, models, width, height)
         for index, (inst, model) in enumerate(zip(frame.instances, models)):
             if inst.visib_fract is None or inst.visib_fract < min_visib_fract:
                 continue
-            rendered = labels == index + 1
-            inside = _box_mask(inst.bbox_visib, labels.shape)
-            visible = rendered & inside
+            visible = labels == index + 1
             if not visible.any():
                 continue
-            # What bbox_visib clips off is hidden by an occluder LM-O does not annotate: ignored
-            # like the annotated occluders, not taken for background.
-            others = ((labels > 0) & ~rendered) | (rendered & ~inside)
-            start = perturbed_start(poses[index], rot_deg, trans_frac, rng)
+            # Unknown pixels (unannotated occluders) are ignored like the annotated occluders,
+            # not taken for background.
+            others = ((labels > 0) & ~visible) | unknown
+            true_pose = make_pose(inst.R, inst.t)
+            start = perturbed_start(true_pose, rot_deg, trans_frac, rng)
             yield crop_case(f'lmo/{frame.image_id}/obj{inst.obj_id}', model, rgb, visible, others,
-                            frame.K, poses[index], start, size, inst.visib_fract)
+                            frame.K, true_pose, start, size, inst.visib_fract)
 
-
-def _box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool of a BOP box: first column x, last column x + w (BOP's width is last minus
-    first column)."""
-    x, y, w, h = box_xywh
-    mask = np.zeros(shape, bool)
-    mask[max(y, 0):max(y + h + 1, 0), max(x, 0):max(x + w + 1, 0)] = True
-    return mask

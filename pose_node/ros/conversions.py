@@ -6,6 +6,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
 from pose_node.camera import Camera, camera_from_camera_info
+from pose_node.crop import label_masks
 from pose_node.geometry import matrix_to_quaternion, quaternion_to_matrix
 
 # encoding -> (channels, numpy dtype, order of the colour channels as stored)
@@ -64,15 +65,14 @@ def image_msg_to_rgb(msg: Image) -> np.ndarray:
     return rgb.astype(np.float32) / scale
 
 
-def label_msg_to_masks(msg: Image, names: list[str]) -> dict[str, np.ndarray]:
-    """Per object name its mask (H, W) bool from a label image (one channel: pixel value i is
-    ``names[i - 1]``, 0 background); objects without pixels are left out."""
+def label_msg_to_masks(msg: Image, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per object name its mask (H, W) bool from a one-channel label image, and its unknown pixels
+    (H, W) bool (see ``pose_node.crop.label_masks``: value i is ``names[i - 1]``, 0 background,
+    255 or 65535 unknown)."""
     pixels = image_msg_to_array(msg)
     if pixels.shape[2] != 1:
         raise ImageConversionError(f'a mask label image needs one channel, got {msg.encoding!r}')
-    labels = pixels[..., 0]
-    masks = {name: labels == index + 1 for index, name in enumerate(names)}
-    return {name: mask for name, mask in masks.items() if mask.any()}
+    return label_masks(pixels[..., 0], names)
 
 
 def rgb_to_image_msg(rgb: np.ndarray, header: Header, encoding: str = 'rgb8') -> Image:

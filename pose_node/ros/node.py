@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -242,14 +243,15 @@ class PoseNode(Node):
     def process(self, frame: MatchedFrame, settings: NodeSettings) -> None:
         """Estimate and publish one frame (bad input is reported and skipped)."""
         try:
-            rgb, camera, masks = frame_inputs(frame, self.objects.names,
-                                              settings.input_is_rectified, self._undistortion)
+            inputs = frame_inputs(frame, self.objects.names, settings.input_is_rectified,
+                                  self._undistortion)
         except BadInput as problem:
             self.report(problem.kind, str(problem))
             return
         priors = self.tracking.priors_for_frame(settings.tracking, settings.redetect_interval)
         try:
-            estimates = self.pipeline.estimate(rgb, camera.K, masks=masks, prior_poses=priors)
+            estimates = self.pipeline.estimate(inputs.rgb, inputs.camera.K, masks=inputs.masks,
+                                               prior_poses=priors, ignore=inputs.ignore)
         except ValueError as error:
             self.report('input', str(error))
             return
@@ -257,7 +259,7 @@ class PoseNode(Node):
                     if outputs.publishable(estimate.pose, estimate.score,
                                            settings.score_threshold, self.diameters[name])}
         self.tracking.update({name: e.pose for name, e in accepted.items()}, priors)
-        self._publish(frame.image.header, rgb, camera, accepted, settings)
+        self._publish(frame.image.header, inputs.rgb, inputs.camera, accepted, settings)
         now = time.monotonic()
         self.health.frame_processed(now, 1e3 * (now - frame.received),
                                     {name: e.source for name, e in accepted.items()},
@@ -303,12 +305,22 @@ class BadInput(ValueError):
         self.kind = kind
 
 
-def frame_inputs(frame: MatchedFrame, names: list[str], rectified_input: bool,
-                 undistortion: dict[Camera, tuple[np.ndarray, np.ndarray]]
-                 ) -> tuple[np.ndarray, Camera, dict[str, np.ndarray] | None]:
+@dataclass(frozen=True)
+class FrameInputs:
     """What the pipeline needs from a frame: rgb (H, W, 3) float32 0..1 and its Camera, both
-    rectified (raw input is undistorted with maps cached in ``undistortion``), and the masks
-    (H, W) bool by object name from the label image (None without one). BadInput otherwise."""
+    rectified; masks (H, W) bool by object name and ignore (H, W) bool (unknown pixels) from the
+    label image, both None without one."""
+
+    rgb: np.ndarray
+    camera: Camera
+    masks: dict[str, np.ndarray] | None
+    ignore: np.ndarray | None
+
+
+def frame_inputs(frame: MatchedFrame, names: list[str], rectified_input: bool,
+                 undistortion: dict[Camera, tuple[np.ndarray, np.ndarray]]) -> FrameInputs:
+    """The frame's :class:`FrameInputs`; raw input is undistorted with maps cached in
+    ``undistortion``. BadInput when a message cannot be used."""
     try:
         rgb = image_msg_to_rgb(frame.image)
     except ImageConversionError as error:
@@ -320,25 +332,29 @@ def frame_inputs(frame: MatchedFrame, names: list[str], rectified_input: bool,
     if (camera.width, camera.height) != (rgb.shape[1], rgb.shape[0]):
         raise BadInput('camera_info', f'camera_info describes a {camera.width} x {camera.height} '
                        f'image, the image is {rgb.shape[1]} x {rgb.shape[0]}')
-    masks = None
+    masks = ignore = None
     if frame.mask is not None:
         try:
-            masks = label_msg_to_masks(frame.mask, names)
+            masks, ignore = label_msg_to_masks(frame.mask, names)
         except ImageConversionError as error:
             raise BadInput('mask', str(error)) from error
         if (frame.mask.width, frame.mask.height) != (camera.width, camera.height):
             raise BadInput('mask', f'mask is {frame.mask.width} x {frame.mask.height}, the image '
                            f'{camera.width} x {camera.height}')
     if not camera.has_distortion:
-        return rgb, camera, masks
+        return FrameInputs(rgb, camera, masks, ignore)
     if camera not in undistortion:
         undistortion[camera] = undistortion_maps(camera)
     maps = undistortion[camera]
     rgb, rectified = undistort_image(rgb, camera, maps=maps)
+
+    def undistorted(mask: np.ndarray) -> np.ndarray:
+        return undistort_image(mask.astype(np.uint8), camera, cv2.INTER_NEAREST, maps)[0] > 0
+
     if masks is not None:
-        masks = {name: undistort_image(mask.astype(np.uint8), camera, cv2.INTER_NEAREST,
-                                       maps)[0] > 0 for name, mask in masks.items()}
-    return rgb, rectified, masks
+        masks = {name: undistorted(mask) for name, mask in masks.items()}
+        ignore = undistorted(ignore)
+    return FrameInputs(rgb, rectified, masks, ignore)
 
 
 def stage_totals(estimates) -> dict[str, float]:

@@ -21,6 +21,7 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from pose_node.camera import project_points
+from pose_node.crop import stored_labels
 from pose_node.datasets.synthetic import procedural_background
 from pose_node.geometry import (axis_angle_to_matrix, make_pose, random_rotations,
                                 transform_points)
@@ -238,9 +239,12 @@ class NodeClient:
 
 
 def label_image_msg(labels: np.ndarray, header: Header) -> Image:
-    """mono8 Image of a label image (H, W) uint8."""
-    height, width = labels.shape
-    msg = Image(header=header, height=height, width=width, encoding='mono8', is_bigendian=0,
-                step=width)
-    msg.data = np.ascontiguousarray(labels, np.uint8).tobytes()
+    """mono8 (or 16UC1 above 254 objects) Image of a label image (H, W) of ints (see
+    ``pose_node.crop.stored_labels``)."""
+    stored = stored_labels(labels)
+    height, width = stored.shape
+    msg = Image(header=header, height=height, width=width,
+                encoding='mono8' if stored.dtype == np.uint8 else '16UC1', is_bigendian=0,
+                step=width * stored.itemsize)
+    msg.data = stored.astype(stored.dtype.newbyteorder('<')).tobytes()
     return msg

@@ -2,7 +2,8 @@
 
 Each frame of the split goes through ``Pipeline.estimate`` with either oracle masks (ground-truth
 visible masks rendered from the GT poses of all annotated objects by the exact ray caster, clipped
-to BOP's ``bbox_visib`` because LM-O does not annotate every occluder) or the segmenter's masks.
+to BOP's ``bbox_visib`` because LM-O does not annotate every occluder; the clipped pixels are
+passed as unknown, ignored pixels) or the segmenter's masks.
 Evaluated instances: those with BOP ``visib_fract`` >= 0.1, as BOP's own evaluation keeps
 (``visib_gt_min = 0.1``); only their masks are handed to the pipeline. The coarse-only pose is the
 best-scored hypothesis the pipeline's coarse estimator returned for that object, before refinement.
@@ -33,13 +34,13 @@ from tqdm import tqdm
 from pose_node import metrics
 from pose_node.coarse import CoarseEstimator, Hypotheses
 from pose_node.crop import Crop
-from pose_node.datasets.bop import BopDataset, BopFrame, GtInstance, default_lmo_root
+from pose_node.datasets.bop import BopDataset, BopFrame, GtInstance, default_lmo_root, \
+    visible_labels
 from pose_node.geometry import make_pose
 from pose_node.mesh import ObjectModel
 from pose_node.objects_config import ObjectsConfig, load_object_models, load_objects_config
 from pose_node.pipeline import Pipeline, PipelineConfig
 from pose_node.refine import LossConfig
-from pose_node.render.raycast import RaycastScene
 
 MIN_VISIB_FRACT = 0.1
 ADD_S_THRESHOLD = 0.1  # of the diameter
@@ -80,28 +81,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def bop_box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool of a BOP box (x, y, w, h): columns x..x+w and rows y..y+h inclusive (BOP's
-    width is the last minus the first column)."""
-    x, y, w, h = box_xywh
-    mask = np.zeros(shape, bool)
-    mask[max(y, 0):max(y + h + 1, 0), max(x, 0):max(x + w + 1, 0)] = True
-    return mask
-
-
 def oracle_masks(frame: BopFrame, models: list[ObjectModel],
-                 shape: tuple[int, int]) -> list[np.ndarray]:
-    """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask:
-    the ray-cast label of the GT poses, clipped to BOP's ``bbox_visib`` where it is known."""
-    poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
-    labels = RaycastScene(models).render(poses, frame.K, shape[1], shape[0]).labels
-    masks = []
-    for index, inst in enumerate(frame.instances):
-        visible = labels == index + 1
-        if inst.bbox_visib is not None:
-            visible &= bop_box_mask(inst.bbox_visib, shape)
-        masks.append(visible)
-    return masks
+                 shape: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask,
+    and the (H, W) bool pixels of unknown content (see ``bop.visible_labels``)."""
+    labels, unknown = visible_labels(frame, models, shape[1], shape[0])
+    return [labels == index + 1 for index in range(len(frame.instances))], unknown
 
 
 @dataclass(frozen=True)
@@ -272,14 +257,14 @@ def evaluate(frames: list[BopFrame], objects: DatasetObjects, pipeline, coarse: 
         rgb = frame.load_rgb().astype(np.float32) / 255
         shape = rgb.shape[:2]
         kept = [i for i, inst in enumerate(frame.instances) if evaluated(inst)]
-        masks = None
+        masks = unknown = None
         if masks_kind == 'oracle':
-            visible = oracle_masks(frame, models, shape)
+            visible, unknown = oracle_masks(frame, models, shape)
             masks = {models[i].name: visible[i] for i in kept}
         for estimator in coarse.values():
             estimator.last = None
         started = time.perf_counter()
-        estimates = pipeline.estimate(rgb, frame.K, masks=masks)
+        estimates = pipeline.estimate(rgb, frame.K, masks=masks, ignore=unknown)
         frame_ms.append(1e3 * (time.perf_counter() - started))
         for i in kept:
             inst, model = frame.instances[i], models[i]
