@@ -1,8 +1,10 @@
 """The pipeline API (no ROS): an image and its intrinsics in, a refined pose per known object out.
 
 Data flows one way, per object:
-1. mask: the object's visible mask from ``masks`` (an upstream segmenter or label image), else
-   from the built-in ``segmenter``; an object without a mask is not estimated this frame;
+1. mask: the object's visible mask from ``masks`` (an upstream segmenter or label image); else,
+   for an object an upstream detector boxed, the built-in ``segmenter``'s mask inside the box,
+   or the box's GrabCut foreground when the segmenter finds nothing there (or there is none);
+   else the ``segmenter``'s mask; an object without a mask is not estimated this frame;
 2. crop: a square around the mask's box (in tracking mode joined with the prior pose's projected
    box) enlarged by ``crop_scale`` and resampled to ``crop_size``, with its intrinsics; the other
    objects' masks are ignored pixels, so occluders do not drag the pose;
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from pose_node.coarse import CoarseEstimator, Hypotheses
-from pose_node.crop import CROP_SCALE, Segmenter, cut_crop, mask_box, projected_box, union_box
+from pose_node.crop import CROP_SCALE, Segmenter, box_foreground, box_pixels, cut_crop, mask_box, \
+    projected_box, union_box
 from pose_node.mesh import ObjectModel
 from pose_node.refine import Level, LossConfig, make_observation, make_optimizer, refine
 from pose_node.refine.refiner import OptimizerConfig
@@ -138,15 +141,19 @@ class Pipeline:
     def estimate(self, image: np.ndarray, K: np.ndarray,
                  masks: dict[str, np.ndarray] | None = None,
                  prior_poses: dict[str, np.ndarray] | None = None,
-                 ignore: np.ndarray | None = None) -> dict[str, PoseEstimate]:
+                 ignore: np.ndarray | None = None,
+                 boxes: dict[str, np.ndarray] | None = None) -> dict[str, PoseEstimate]:
         """Poses of the objects found in ``image`` (H, W, 3) with intrinsics ``K`` (3, 3).
 
         masks: per object name its visible mask (H, W) (bool or 0..1); objects left out are
         looked for by the segmenter. prior_poses: per object name a pose (4, 4) to track from.
         ignore: (H, W) pixels whose content is unknown to the masks (e.g. hidden by an occluder
         they do not name): no object is compared there, like other objects' masks.
+        boxes: per object name without a mask its box (x, y, w, h) in pixels from an upstream
+        detector (see the module docstring for the mask it gets).
         Objects without a mask, or whose estimate is not a finite pose in front of the camera,
-        are left out of the result. Raises ValueError on a malformed image, K, mask or ignore.
+        are left out of the result. Raises ValueError on a malformed image, K, mask, ignore or
+        box.
         """
         image = checked_image(image)
         K = checked_intrinsics(K)
@@ -156,9 +163,16 @@ class Pipeline:
                    for name, mask in (masks or {}).items() if name in self.models}
         unknown = (np.zeros((height, width), bool) if ignore is None
                    else checked_mask(ignore, (height, width), 'ignore') > 0.5)
+        boxed = {name: checked_box(box, name) for name, box in (boxes or {}).items()
+                 if name in self.models and name not in visible}
         if self.segmenter is not None and set(visible) != set(self.models):
             for name, (mask, _score) in self.segmenter.segment(image).items():
+                if name in boxed:
+                    mask = mask * box_pixels(boxed[name], (height, width))
                 visible.setdefault(name, mask)
+        for name, box in boxed.items():
+            if np.count_nonzero(visible.get(name, 0) > 0.5) < self.config.min_mask_pixels:
+                visible[name] = box_foreground(image, box).astype(np.float32)
         segment_ms = _ms_since(started)
         visible = {name: mask for name, mask in visible.items()
                    if np.count_nonzero(mask > 0.5) >= self.config.min_mask_pixels}
@@ -242,6 +256,15 @@ def checked_mask(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndar
     if mask.shape != shape:
         raise ValueError(f'mask of {name!r} has shape {mask.shape}, the image {shape}')
     return np.nan_to_num(mask.astype(np.float32), nan=0.0).clip(0.0, 1.0)
+
+
+def checked_box(box, name: str) -> np.ndarray:
+    """``box`` as (4,) float64 (x, y, w, h); ValueError unless finite with positive size."""
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
+        raise ValueError(f'box of {name!r} must be finite (x, y, w, h) with w, h > 0, got '
+                         f'{box.tolist()}')
+    return box
 
 
 def plausible_pose(pose: np.ndarray, diameter: float) -> bool:

@@ -6,6 +6,7 @@ import torch
 
 from pose_node import metrics
 from pose_node.coarse import Hypotheses
+from pose_node.crop import box_foreground, mask_box
 from pose_node.datasets.refine_cases import SYNTHETIC_K, perturbed_start
 from pose_node.datasets.synthetic import procedural_background
 from pose_node.geometry import make_pose, random_rotations
@@ -97,6 +98,21 @@ def test_ignored_pixels_let_a_hidden_part_count_as_unknown(model, frame):
     assert told_rot < 1.0 and told_trans < 3.0
     # Without being told, the hidden part is taken for background and the pose shrinks onto it.
     assert untold_rot > 3 * told_rot or untold_trans > 3 * told_trans
+
+
+def test_a_box_without_mask_is_segmented_by_grabcut_and_refined(model, frame):
+    image, mask, pose = frame
+    truth = mask > 0.5
+    box = mask_box(truth)
+    found = box_foreground(image, box)
+    assert (found & truth).sum() / (found | truth).sum() > 0.95
+    pipeline = Pipeline([model], torch.device('cpu'),
+                        coarse={model.name: PerturbedTruth(pose, 12.0)})
+    estimate = pipeline.estimate(image, SYNTHETIC_K, boxes={model.name: box})[model.name]
+    rot_deg, trans_mm = errors(estimate, pose)
+    assert rot_deg < 1.0 and trans_mm < 5.0  # 1 % of the distance: GrabCut's edge is not exact
+    with pytest.raises(ValueError, match='box'):
+        pipeline.estimate(image, SYNTHETIC_K, boxes={model.name: [10, 10, 0, 5]})
 
 
 def test_objects_without_mask_or_start_are_left_out(pipeline, model, frame):
