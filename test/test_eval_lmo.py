@@ -179,8 +179,10 @@ class SynthTruthPipeline:
     def __init__(self, frames, objects):
         self.answers = iter([{objects.models[inst.obj_id].name: make_pose(inst.R, inst.t)
                               for inst in frame.instances} for frame in frames])
+        self.seen = []
 
     def estimate(self, image, K, masks=None, ignore=None):
+        self.seen.append((masks, ignore))
         truth = next(self.answers)
         return {name: StubEstimate(truth[name]) for name in masks}
 
@@ -198,7 +200,12 @@ def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
     # No models_eval/ in a synth dataset: the metrics use the mesh's own vertices.
     np.testing.assert_allclose(objects.points[1], demo.vertices, atol=1e-9)
     frames = list(dataset.frames())
-    result = eval_lmo.evaluate(frames, objects, SynthTruthPipeline(frames, objects), {}, 'oracle')
+    pipeline = SynthTruthPipeline(frames, objects)
+    result = eval_lmo.evaluate(frames, objects, pipeline, {}, 'oracle')
+    # Oracle masks are the dataset's own visible masks (mask_visib), with nothing unknown.
+    for frame, (masks, ignore) in zip(frames, pipeline.seen):
+        np.testing.assert_array_equal(masks[demo.name], frame.load_visible_masks()[0])
+        assert not ignore.any()
     assert len(result.rows) == sum(eval_lmo.evaluated(inst) for f in frames
                                    for inst in f.instances) > 0
     assert {row['object'] for row in result.rows} == {demo.name}

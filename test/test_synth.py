@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pose_node.datasets import bop_writer
-from pose_node.datasets.bop import BopDataset
+from pose_node.datasets.bop import BopDataset, mask_path
 from pose_node.crop import projected_box
 from pose_node.datasets.synth import SynthConfig, box_intrinsics, downsample, generate_dataset, \
     look_at_rotation, sample_object_pose, synthesize_image, viewpoint_pose
@@ -63,8 +63,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 def instance_masks(root: Path, frame, index: int) -> tuple[np.ndarray, np.ndarray]:
     scene = root / 'train' / f'{frame.scene_id:06d}'
-    return (read_mask(bop_writer.mask_path(scene, frame.image_id, index, visible=False)),
-            read_mask(bop_writer.mask_path(scene, frame.image_id, index, visible=True)))
+    return (read_mask(mask_path(scene, frame.image_id, index, visible=False)),
+            read_mask(mask_path(scene, frame.image_id, index, visible=True)))
 
 
 def raw_gt_info(root: Path) -> dict:

@@ -24,6 +24,12 @@ BOP_UNIT_SCALE = 0.001
 RGB_EXTENSIONS = ('.png', '.jpg')
 
 
+def mask_path(scene: Path, image_id: int, instance: int, visible: bool) -> Path:
+    """scene/mask[_visib]/{image_id:06d}_{instance:06d}.png."""
+    folder = 'mask_visib' if visible else 'mask'
+    return Path(scene) / folder / f'{image_id:06d}_{instance:06d}.png'
+
+
 def default_lmo_root() -> Path:
     """The LM-O folder: $POSE_NODE_LMO_ROOT, else `<repo>/../shared/data/lmo`."""
     override = os.environ.get(LMO_ROOT_ENV)
@@ -73,6 +79,26 @@ class BopFrame:
             raise FileNotFoundError(f'{self.rgb_path}: image not found')
         with Image.open(self.rgb_path) as image:
             return np.asarray(image.convert('RGB'))
+
+    def visible_mask_paths(self) -> list[Path]:
+        """The BOP ``mask_visib`` PNG of each instance (they may not exist: LM-O ships none)."""
+        scene = self.rgb_path.parent.parent
+        return [mask_path(scene, self.image_id, index, visible=True)
+                for index in range(len(self.instances))]
+
+    def has_visible_masks(self) -> bool:
+        return all(path.is_file() for path in self.visible_mask_paths())
+
+    def load_visible_masks(self) -> np.ndarray:
+        """(N, H, W) bool visible masks of the instances from ``mask_visib``; FileNotFoundError
+        naming a missing file."""
+        masks = []
+        for path in self.visible_mask_paths():
+            if not path.is_file():
+                raise FileNotFoundError(f'{path}: visible mask not found')
+            with Image.open(path) as image:
+                masks.append(np.asarray(image.convert('L')) > 127)
+        return np.stack(masks) if masks else np.zeros((0, 1, 1), bool)
 
 
 def bop_box_mask(box_xywh, shape: tuple[int, int]) -> np.ndarray:

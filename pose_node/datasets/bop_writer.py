@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import trimesh
 
-from pose_node.datasets.bop import BOP_UNIT_SCALE
+from pose_node.datasets.bop import BOP_UNIT_SCALE, mask_path
 from pose_node.mesh import ObjectModel
 
 MM_PER_M = 1.0 / BOP_UNIT_SCALE
@@ -103,12 +103,6 @@ def rgb_path(scene: Path, image_id: int, rgb_format: str = 'png') -> Path:
     if rgb_format not in RGB_FORMATS:
         raise ValueError(f'rgb format must be one of {RGB_FORMATS}, got {rgb_format!r}')
     return Path(scene) / 'rgb' / f'{image_id:06d}.{rgb_format}'
-
-
-def mask_path(scene: Path, image_id: int, instance: int, visible: bool) -> Path:
-    """scene/mask[_visib]/{image_id:06d}_{instance:06d}.png."""
-    folder = 'mask_visib' if visible else 'mask'
-    return Path(scene) / folder / f'{image_id:06d}_{instance:06d}.png'
 
 
 def write_frame_images(scene: Path, image_id: int, rgb: np.ndarray, masks: np.ndarray,

@@ -1,9 +1,11 @@
 """``pose_tools eval-lmo``: the whole pipeline on real LM-O frames, coarse-only and refined.
 
-Each frame of the split goes through ``Pipeline.estimate`` with either oracle masks (ground-truth
-visible masks rendered from the GT poses of all annotated objects by the exact ray caster, clipped
-to BOP's ``bbox_visib`` because LM-O does not annotate every occluder; the clipped pixels are
-passed as unknown, ignored pixels) or the segmenter's masks.
+Each frame of the split goes through ``Pipeline.estimate`` with either oracle masks or the
+segmenter's masks. Oracle masks are the dataset's ground-truth visible masks (``mask_visib``,
+e.g. of ``pose_tools synth`` scenes); LM-O ships none, so there they are rendered from the GT
+poses of all annotated objects by the exact ray caster and clipped to BOP's ``bbox_visib``
+because LM-O does not annotate every occluder (the clipped pixels are passed as unknown,
+ignored pixels).
 Evaluated instances: those with BOP ``visib_fract`` >= 0.1, as BOP's own evaluation keeps
 (``visib_gt_min = 0.1``); only their masks are handed to the pipeline. The coarse-only pose is the
 best-scored hypothesis the pipeline's coarse estimator returned for that object, before refinement.
@@ -84,7 +86,11 @@ def register(subparsers) -> None:
 def oracle_masks(frame: BopFrame, models: list[ObjectModel],
                  shape: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
     """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask,
-    and the (H, W) bool pixels of unknown content (see ``bop.visible_labels``)."""
+    and the (H, W) bool pixels of unknown content: the dataset's own ``mask_visib`` files when
+    it has them (nothing unknown), else rendered from the ground truth
+    (``bop.visible_labels``)."""
+    if frame.has_visible_masks():
+        return list(frame.load_visible_masks()), np.zeros(shape, bool)
     labels, unknown = visible_labels(frame, models, shape[1], shape[0])
     return [labels == index + 1 for index in range(len(frame.instances))], unknown
 

@@ -40,7 +40,6 @@ from tqdm import tqdm
 from pose_node.coarse import regressor as reg
 from pose_node.crop import cut_crop, mask_box
 from pose_node.crop import segmenter as seg
-from pose_node.datasets import bop_writer
 from pose_node.datasets.bop import BopDataset, BopFrame
 from pose_node.datasets.synth import OutputLayout, SynthConfig, SynthObject, generate_dataset
 from pose_node.geometry import make_pose, rot6d_to_matrix, rotation_angle_between
@@ -158,19 +157,6 @@ def split_frames(root: Path) -> tuple[list[BopFrame], list[BopFrame]]:
     return [f for i, f in enumerate(frames) if i % HELD_OUT_EVERY], frames[::HELD_OUT_EVERY]
 
 
-def visible_masks(frame: BopFrame) -> np.ndarray:
-    """(N, H, W) bool visible masks of the frame's instances (mask_visib PNGs)."""
-    scene = frame.rgb_path.parent.parent
-    masks = []
-    for index in range(len(frame.instances)):
-        path = bop_writer.mask_path(scene, frame.image_id, index, visible=True)
-        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise FileNotFoundError(f'{path}: visible mask not found')
-        masks.append(mask > 127)
-    return np.stack(masks) if masks else np.zeros((0, 1, 1), bool)
-
-
 def load_rgb(frame: BopFrame) -> np.ndarray:
     """(H, W, 3) float32 0..1."""
     return frame.load_rgb().astype(np.float32) / 255
@@ -252,7 +238,7 @@ def segmentation_arrays(frames: list[BopFrame], config: seg.SegmenterConfig, str
         size = seg.network_size(height, width, config.input_size, stride)
         classes = np.array([inst.obj_id for inst in frame.instances])
         known = classes <= len(config.object_names)
-        label = seg.label_image(visible_masks(frame)[known], classes[known]).astype(np.uint8)
+        label = seg.label_image(frame.load_visible_masks()[known], classes[known]).astype(np.uint8)
         images.append(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         labels.append(cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST))
     return np.stack(images), np.stack(labels)
@@ -298,7 +284,7 @@ def regression_samples(frames: list[BopFrame], obj_id: int, config: reg.Regresso
                   if inst.obj_id == obj_id and (inst.visib_fract or 0) >= min_visib]
         if not wanted:
             continue
-        rgb, masks = load_rgb(frame), visible_masks(frame)
+        rgb, masks = load_rgb(frame), frame.load_visible_masks()
         for index in wanted:
             instance = frame.instances[index]
             pose = make_pose(instance.R, instance.t)
@@ -606,7 +592,7 @@ def evaluate_segmenter(path: Path, frames: list[BopFrame], n_demo: int, seed: in
     held_out = []
     for frame in tqdm(frames, desc='held-out', unit='img'):
         found = segmenter.segment(load_rgb(frame))
-        masks = visible_masks(frame)
+        masks = frame.load_visible_masks()
         for obj_id in sorted({inst.obj_id for inst in frame.instances}):
             if obj_id > len(names):
                 continue
@@ -663,7 +649,7 @@ def evaluate_regressor(path: Path, model: ObjectModel, obj_id: int, frames: list
         wanted = [i for i, inst in enumerate(frame.instances)
                   if inst.obj_id == obj_id and (inst.visib_fract or 0) >= MIN_VAL_VISIB]
         if wanted:
-            rgb, masks = load_rgb(frame), visible_masks(frame)
+            rgb, masks = load_rgb(frame), frame.load_visible_masks()
             for i in wanted:
                 inst = frame.instances[i]
                 measure('held_out', rgb, frame.K, masks[i], make_pose(inst.R, inst.t))
