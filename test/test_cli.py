@@ -80,4 +80,6 @@ def test_bench_node_writes_latency_and_throughput(tmp_path):
     assert 1 <= row['frames_answered'] <= 12
     assert 0 < row['latency_ms_p50'] <= row['latency_ms_p95']
     assert row['throughput_hz'] >= 0
+    # The node holds torch, a mesh and DDS buffers: hundreds of MB, not kB and not many GB.
+    assert 100 < row['rss_mb_first_answer'] < 8000 and 100 < row['rss_mb_end'] < 8000
     assert '| 1 | on |' in result.stdout

@@ -6,7 +6,9 @@ shared-memory profile config/fastdds_large_messages.xml unless one is set), wait
 a first frame (a detection), then publish ray-cast frames at ``--camera-hz`` for ``--seconds``.
 Latency: image published -> the last object's PoseStamped received (only frames the node
 answered for every object; it always takes the newest frame, so the others are skipped, not
-queued). Throughput: answered frames per second. Writes a JSON file and prints a table.
+queued). Throughput: answered frames per second. Memory: the node process's resident set size
+after its first answer and at the end of the stream (Linux /proc; growth over a long
+``--seconds`` run would show a leak or a growing queue). Writes a JSON file and prints a table.
 """
 import argparse
 import json
@@ -91,21 +93,38 @@ def bench_one(n_objects: int, tracking: bool, args: argparse.Namespace) -> dict:
                                       np.random.default_rng(args.seed))
             if not client.wait_for_node(STARTUP_TIMEOUT_S):
                 raise RuntimeError('pose_node did not come up')
-            stamps = stream(client, frames, args.camera_hz, args.seconds)
+            stamps, resident_mb = stream(client, frames, args.camera_hz, args.seconds,
+                                         process.pid)
         finally:
             client.close()
             context.try_shutdown()
             stop_node(process)
-    return summary(client, stamps, [m.name for m in models])
+    return {**summary(client, stamps, [m.name for m in models]),
+            'rss_mb_first_answer': resident_mb[0], 'rss_mb_end': resident_mb[1]}
 
 
-def stream(client, frames, camera_hz: float, seconds: float) -> list[int]:
+def resident_mb(pid: int) -> float | None:
+    """Resident set size (MB) of process ``pid`` from /proc; None where that is not readable."""
+    try:
+        status = Path(f'/proc/{pid}/status').read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def stream(client, frames, camera_hz: float, seconds: float,
+           pid: int) -> tuple[list[int], tuple[float | None, float | None]]:
     """Publish a first frame and wait for its answer, then stream for ``seconds``; the stamps
-    of the streamed frames (the first left out)."""
+    of the streamed frames (the first left out) and the node's (process ``pid``) resident MB
+    after its first answer and at the end."""
     first = client.publish_until_answered(frames[0], K_DEMO, BASE_STAMP_NS,
                                           FIRST_ANSWER_TIMEOUT_S)
     if first is None:
         raise RuntimeError('pose_node did not answer the first frame')
+    resident_at_first = resident_mb(pid)
     period = 1.0 / camera_hz
     count = int(seconds * camera_hz)
     stamps = []
@@ -115,7 +134,7 @@ def stream(client, frames, camera_hz: float, seconds: float) -> list[int]:
         client.publish(frames[index], K_DEMO, stamps[-1])
         client.spin_for(max(0.0, started + step * period - time.monotonic()))
     client.spin_for(3.0)
-    return stamps
+    return stamps, (resident_at_first, resident_mb(pid))
 
 
 def summary(client, stamps: list[int], names: list[str]) -> dict:
@@ -134,6 +153,10 @@ def summary(client, stamps: list[int], names: list[str]) -> dict:
             'latency_ms_p50': percentile(latencies, 50),
             'latency_ms_p95': percentile(latencies, 95),
             'throughput_hz': (len(arrivals) - 1) / span if len(arrivals) > 1 else 0.0}
+
+
+def mb(value: float | None) -> str:
+    return 'n/a' if value is None else f'{value:.0f}'
 
 
 def load_average() -> float:
@@ -155,17 +178,20 @@ def run(args: argparse.Namespace) -> int:
                   f'{figures["frames_answered"]}/{figures["frames_published"]} frames answered, '
                   f'p50 {figures["latency_ms_p50"]:.0f} ms, '
                   f'p95 {figures["latency_ms_p95"]:.0f} ms, '
-                  f'{figures["throughput_hz"]:.2f} Hz', flush=True)
+                  f'{figures["throughput_hz"]:.2f} Hz, node RSS {mb(figures["rss_mb_first_answer"])}'
+                  f' -> {mb(figures["rss_mb_end"])} MB', flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({'camera_hz': args.camera_hz, 'seconds': args.seconds,
                                      'threads': args.threads, 'cpu_count': os.cpu_count(),
                                      'results': results}, indent=2))
-    print('\n| objects | tracking | answered | latency p50 ms | latency p95 ms | throughput Hz |')
-    print('|---|---|---|---|---|---|')
+    print('\n| objects | tracking | answered | latency p50 ms | latency p95 ms | throughput Hz '
+          '| node RSS MB (first answer -> end) |')
+    print('|---|---|---|---|---|---|---|')
     for row in results:
         print(f'| {row["objects"]} | {"on" if row["tracking"] else "off"} | '
               f'{row["frames_answered"]}/{row["frames_published"]} | {row["latency_ms_p50"]:.0f} | '
-              f'{row["latency_ms_p95"]:.0f} | {row["throughput_hz"]:.2f} |')
+              f'{row["latency_ms_p95"]:.0f} | {row["throughput_hz"]:.2f} | '
+              f'{mb(row["rss_mb_first_answer"])} -> {mb(row["rss_mb_end"])} |')
     print(f'wrote {args.json} (camera {args.camera_hz:g} Hz, node torch threads {args.threads}, '
           f'1-min load average at the end {load_average():.1f} on {os.cpu_count()} CPUs)')
     return 0
