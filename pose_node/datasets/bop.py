@@ -114,9 +114,9 @@ def visible_labels(frame: BopFrame, models: list[ObjectModel], width: int,
                    height: int) -> tuple[np.ndarray, np.ndarray]:
     """The ground-truth visible masks of ``frame``'s instances (``models`` in the same order).
 
-    Returns labels (H, W) int32, 1 + the index of the instance seen at each pixel (0: none), ray-cast
-    from all GT poses and clipped to each instance's ``bbox_visib``; and unknown (H, W) bool, what
-    the clipping removed. LM-O does not annotate every occluder (``bbox_visib`` comes from real
+    Returns labels (H, W) int32, 1 + the index of the instance seen at each pixel (0: none),
+    ray-cast from all GT poses and clipped to each instance's ``bbox_visib``; and unknown (H, W)
+    bool, what the clipping removed. LM-O does not annotate every occluder (``bbox_visib`` comes from real
     depth), so those pixels are hidden by something unnamed: neither the object nor background.
     """
     poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])

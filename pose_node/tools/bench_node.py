@@ -178,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
                   f'{figures["frames_answered"]}/{figures["frames_published"]} frames answered, '
                   f'p50 {figures["latency_ms_p50"]:.0f} ms, '
                   f'p95 {figures["latency_ms_p95"]:.0f} ms, '
-                  f'{figures["throughput_hz"]:.2f} Hz, node RSS {mb(figures["rss_mb_first_answer"])}'
-                  f' -> {mb(figures["rss_mb_end"])} MB', flush=True)
+                  f'{figures["throughput_hz"]:.2f} Hz, node RSS '
+                  f'{mb(figures["rss_mb_first_answer"])} -> {mb(figures["rss_mb_end"])} MB',
+                  flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({'camera_hz': args.camera_hz, 'seconds': args.seconds,
                                      'threads': args.threads, 'cpu_count': os.cpu_count(),
