@@ -204,12 +204,30 @@ def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
     result = eval_lmo.evaluate(frames, objects, pipeline, {}, 'oracle')
     # Oracle masks are the dataset's own visible masks (mask_visib), with nothing unknown.
     for frame, (masks, ignore) in zip(frames, pipeline.seen):
-        np.testing.assert_array_equal(masks[demo.name], frame.load_visible_masks()[0])
+        np.testing.assert_array_equal(masks[demo.name], frame.load_masks()[0])
         assert not ignore.any()
     assert len(result.rows) == sum(eval_lmo.evaluated(inst) for f in frames
                                    for inst in f.instances) > 0
     assert {row['object'] for row in result.rows} == {demo.name}
     assert eval_lmo.summarize(result.rows, 'refined')['add_s_recall']['mean'] == 1.0
+
+
+def test_amodal_oracle_marks_what_unnamed_occluders_hide_as_unknown(tmp_path):
+    demo = load_demo_object()
+    config = SynthConfig(width=160, height=120, K=intrinsics(160, 120, None, None, None),
+                         max_objects=1, max_occluders=2, supersample=1)
+    generate_dataset(tmp_path, [SynthObject(1, demo)], config, 4, seed=3,
+                     device=torch.device('cpu'), layout=OutputLayout(split='test'))
+    hidden_pixels = 0
+    for frame in BopDataset(tmp_path, 'test').frames():
+        plain, nothing = eval_lmo.oracle_masks(frame, [demo], (120, 160))
+        masks, unknown = eval_lmo.oracle_masks(frame, [demo], (120, 160), amodal=True)
+        np.testing.assert_array_equal(masks[0], plain[0])
+        assert not nothing.any() and not (unknown & masks[0]).any()
+        whole = frame.load_masks(visible=False)[0]
+        np.testing.assert_array_equal(unknown | masks[0], whole | masks[0])
+        hidden_pixels += unknown.sum()
+    assert hidden_pixels > 0    # the occluders hide some of the object
 
 
 def test_an_objects_file_shorter_than_the_dataset_is_refused(monkeypatch, tmp_path, capsys, lmo):

@@ -80,22 +80,23 @@ class BopFrame:
         with Image.open(self.rgb_path) as image:
             return np.asarray(image.convert('RGB'))
 
-    def visible_mask_paths(self) -> list[Path]:
-        """The BOP ``mask_visib`` PNG of each instance (they may not exist: LM-O ships none)."""
+    def mask_paths(self, visible: bool = True) -> list[Path]:
+        """Each instance's BOP ``mask_visib`` (visible part) or ``mask`` (whole silhouette) PNG;
+        they may not exist (LM-O ships none)."""
         scene = self.rgb_path.parent.parent
-        return [mask_path(scene, self.image_id, index, visible=True)
+        return [mask_path(scene, self.image_id, index, visible)
                 for index in range(len(self.instances))]
 
-    def has_visible_masks(self) -> bool:
-        return all(path.is_file() for path in self.visible_mask_paths())
+    def has_masks(self, visible: bool = True) -> bool:
+        return all(path.is_file() for path in self.mask_paths(visible))
 
-    def load_visible_masks(self) -> np.ndarray:
-        """(N, H, W) bool visible masks of the instances from ``mask_visib``; FileNotFoundError
-        naming a missing file."""
+    def load_masks(self, visible: bool = True) -> np.ndarray:
+        """(N, H, W) bool masks of the instances, visible parts or whole silhouettes (see
+        :meth:`mask_paths`); FileNotFoundError naming a missing file."""
         masks = []
-        for path in self.visible_mask_paths():
+        for path in self.mask_paths(visible):
             if not path.is_file():
-                raise FileNotFoundError(f'{path}: visible mask not found')
+                raise FileNotFoundError(f'{path}: mask not found')
             with Image.open(path) as image:
                 masks.append(np.asarray(image.convert('L')) > 127)
         return np.stack(masks) if masks else np.zeros((0, 1, 1), bool)

@@ -58,7 +58,11 @@ def register(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--split', choices=['dev', 'test'], default='dev',
                         help='LM-O split (tune on dev only; test is held out)')
-    parser.add_argument('--masks', choices=['oracle', 'predicted'], default='oracle')
+    parser.add_argument('--masks', choices=['oracle', 'amodal', 'predicted'], default='oracle',
+                        help='oracle: ground-truth visible masks; amodal: the same plus what '
+                        'occluders no mask names hide as unknown pixels (datasets with mask/, '
+                        'e.g. synth: the upper bound of an amodal segmenter; on LM-O the same '
+                        'as oracle); predicted: the segmenter')
     parser.add_argument('--coarse', choices=['templates', 'regressor'], default='templates')
     parser.add_argument('--json', type=Path, required=True, help='write the figures here')
     parser.add_argument('--n-images', type=int, default=None, help='first N frames of the split')
@@ -83,16 +87,21 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def oracle_masks(frame: BopFrame, models: list[ObjectModel],
-                 shape: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
+def oracle_masks(frame: BopFrame, models: list[ObjectModel], shape: tuple[int, int],
+                 amodal: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
     """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask,
-    and the (H, W) bool pixels of unknown content: the dataset's own ``mask_visib`` files when
-    it has them (nothing unknown), else rendered from the ground truth
-    (``bop.visible_labels``)."""
-    if frame.has_visible_masks():
-        return list(frame.load_visible_masks()), np.zeros(shape, bool)
-    labels, unknown = visible_labels(frame, models, shape[1], shape[0])
-    return [labels == index + 1 for index in range(len(frame.instances))], unknown
+    and the (H, W) bool pixels of unknown content. From the dataset's own ``mask_visib`` files
+    when it has them (nothing unknown, or with ``amodal`` what occluders no mask names hide: the
+    instances' whole silhouettes, ``mask``, outside every visible mask), else rendered from the
+    ground truth (``bop.visible_labels``)."""
+    if not frame.has_masks():
+        labels, unknown = visible_labels(frame, models, shape[1], shape[0])
+        return [labels == index + 1 for index in range(len(frame.instances))], unknown
+    visible = frame.load_masks()
+    unknown = np.zeros(shape, bool)
+    if amodal:
+        unknown = frame.load_masks(visible=False).any(axis=0) & ~visible.any(axis=0)
+    return list(visible), unknown
 
 
 @dataclass(frozen=True)
@@ -264,8 +273,8 @@ def evaluate(frames: list[BopFrame], objects: DatasetObjects, pipeline, coarse: 
         shape = rgb.shape[:2]
         kept = [i for i, inst in enumerate(frame.instances) if evaluated(inst)]
         masks = unknown = None
-        if masks_kind == 'oracle':
-            visible, unknown = oracle_masks(frame, models, shape)
+        if masks_kind in ('oracle', 'amodal'):
+            visible, unknown = oracle_masks(frame, models, shape, masks_kind == 'amodal')
             masks = {models[i].name: visible[i] for i in kept}
         for estimator in coarse.values():
             estimator.last = None

@@ -238,7 +238,7 @@ def segmentation_arrays(frames: list[BopFrame], config: seg.SegmenterConfig, str
         size = seg.network_size(height, width, config.input_size, stride)
         classes = np.array([inst.obj_id for inst in frame.instances])
         known = classes <= len(config.object_names)
-        label = seg.label_image(frame.load_visible_masks()[known], classes[known]).astype(np.uint8)
+        label = seg.label_image(frame.load_masks()[known], classes[known]).astype(np.uint8)
         images.append(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         labels.append(cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST))
     return np.stack(images), np.stack(labels)
@@ -284,7 +284,7 @@ def regression_samples(frames: list[BopFrame], obj_id: int, config: reg.Regresso
                   if inst.obj_id == obj_id and (inst.visib_fract or 0) >= min_visib]
         if not wanted:
             continue
-        rgb, masks = load_rgb(frame), frame.load_visible_masks()
+        rgb, masks = load_rgb(frame), frame.load_masks()
         for index in wanted:
             instance = frame.instances[index]
             pose = make_pose(instance.R, instance.t)
@@ -592,7 +592,7 @@ def evaluate_segmenter(path: Path, frames: list[BopFrame], n_demo: int, seed: in
     held_out = []
     for frame in tqdm(frames, desc='held-out', unit='img'):
         found = segmenter.segment(load_rgb(frame))
-        masks = frame.load_visible_masks()
+        masks = frame.load_masks()
         for obj_id in sorted({inst.obj_id for inst in frame.instances}):
             if obj_id > len(names):
                 continue
@@ -649,7 +649,7 @@ def evaluate_regressor(path: Path, model: ObjectModel, obj_id: int, frames: list
         wanted = [i for i, inst in enumerate(frame.instances)
                   if inst.obj_id == obj_id and (inst.visib_fract or 0) >= MIN_VAL_VISIB]
         if wanted:
-            rgb, masks = load_rgb(frame), frame.load_visible_masks()
+            rgb, masks = load_rgb(frame), frame.load_masks()
             for i in wanted:
                 inst = frame.instances[i]
                 measure('held_out', rgb, frame.K, masks[i], make_pose(inst.R, inst.t))
