@@ -117,8 +117,9 @@ def visible_labels(frame: BopFrame, models: list[ObjectModel], width: int,
 
     Returns labels (H, W) int32, 1 + the index of the instance seen at each pixel (0: none),
     ray-cast from all GT poses and clipped to each instance's ``bbox_visib``; and unknown (H, W)
-    bool, what the clipping removed. LM-O does not annotate every occluder (``bbox_visib`` comes from real
-    depth), so those pixels are hidden by something unnamed: neither the object nor background.
+    bool, what the clipping removed. LM-O does not annotate every occluder (``bbox_visib`` comes
+    from real depth), so those pixels are hidden by something unnamed: neither the object nor
+    background.
     """
     poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
     rendered = RaycastScene(models).render(poses, frame.K, width, height).labels
