@@ -187,13 +187,18 @@ class SynthTruthPipeline:
         return {name: StubEstimate(truth[name]) for name in masks}
 
 
+def demo_synth_dataset(root, count: int, seed: int, max_occluders: int) -> BopDataset:
+    """``count`` 160 x 120 synth test scenes of one demo object each."""
+    config = SynthConfig(width=160, height=120, K=intrinsics(160, 120, None, None, None),
+                         max_objects=1, max_occluders=max_occluders, supersample=1)
+    generate_dataset(root, [SynthObject(1, load_demo_object())], config, count, seed=seed,
+                     device=torch.device('cpu'), layout=OutputLayout(split='test'))
+    return BopDataset(root, 'test')
+
+
 def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
     demo = load_demo_object()
-    config = SynthConfig(width=160, height=120, K=intrinsics(160, 120, None, None, None),
-                         max_objects=1, max_occluders=0, supersample=1)
-    generate_dataset(tmp_path, [SynthObject(1, demo)], config, 2, seed=0,
-                     device=torch.device('cpu'), layout=OutputLayout(split='test'))
-    dataset = BopDataset(tmp_path, 'test')
+    dataset = demo_synth_dataset(tmp_path, 2, seed=0, max_occluders=0)
     objects = eval_lmo.dataset_objects(dataset, share_dir() / 'config' / 'objects.yaml')
     assert objects.models[1].name == demo.name
     assert objects.colour_weights == {demo.name: 0.3}
@@ -214,12 +219,8 @@ def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
 
 def test_amodal_oracle_marks_what_unnamed_occluders_hide_as_unknown(tmp_path):
     demo = load_demo_object()
-    config = SynthConfig(width=160, height=120, K=intrinsics(160, 120, None, None, None),
-                         max_objects=1, max_occluders=2, supersample=1)
-    generate_dataset(tmp_path, [SynthObject(1, demo)], config, 4, seed=3,
-                     device=torch.device('cpu'), layout=OutputLayout(split='test'))
     hidden_pixels = 0
-    for frame in BopDataset(tmp_path, 'test').frames():
+    for frame in demo_synth_dataset(tmp_path, 4, seed=3, max_occluders=2).frames():
         plain, nothing = eval_lmo.oracle_masks(frame, [demo], (120, 160))
         masks, unknown = eval_lmo.oracle_masks(frame, [demo], (120, 160), amodal=True)
         np.testing.assert_array_equal(masks[0], plain[0])

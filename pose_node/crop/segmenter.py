@@ -241,7 +241,7 @@ class NetworkSegmenter:
             return found
         claimed = {name: mask > 0.5 for name, (mask, _score) in found.items()}
         refined = {}
-        for name, (mask, score) in found.items():
+        for name, (_mask, score) in found.items():
             edges = refine_mask_edges(image, claimed[name])
             for other, other_mask in claimed.items():
                 if other != name:
