@@ -10,10 +10,9 @@ Data flows one way, per object:
    objects' masks are ignored pixels, so occluders do not drag the pose;
 3. hypotheses: the prior pose when one is given (tracking: detection is skipped), else the coarse
    estimator's top ``hypotheses``;
-4. refinement: render-and-compare of all hypotheses as one batch; the lowest final loss wins and
-   its silhouette IoU is the score.
-Objects are refined one after the other: each has its own mesh, and a crop's batch of hypotheses
-already fills the renderer.
+4. refinement: render-and-compare of all hypotheses of all objects that share an optimizer
+   (tracked from a prior, or detected) and a loss as one batch (:func:`refine_objects`); per
+   object the lowest final loss wins and its silhouette IoU is the score.
 
 Units: metres; poses object-to-camera (4, 4) float64 in the image's camera frame (REP 103 optical);
 images (H, W, 3) float32 0..1 or uint8; K (3, 3) pixels (the rectified or undistorted image's).
@@ -28,7 +27,8 @@ from pose_node.coarse import CoarseEstimator, Hypotheses
 from pose_node.crop import CROP_SCALE, Segmenter, box_foreground, box_pixels, cut_crop, mask_box, \
     projected_box, union_box
 from pose_node.mesh import ObjectModel
-from pose_node.refine import Level, LossConfig, make_observation, make_optimizer, refine
+from pose_node.refine import (Level, LossConfig, Observation, make_observation, make_optimizer,
+                              refine_objects)
 from pose_node.refine.refiner import OptimizerConfig
 from pose_node.render import Renderer, RenderMesh, make_renderer
 
@@ -88,7 +88,8 @@ class PoseEstimate:
     """The refined pose of one object: pose (4, 4) metres; score 0..1 the silhouette IoU with the
     observed mask; source of the winning start ('prior', 'templates', 'regressor'); diverged: the
     refinement did not improve on the start (the start is returned); timings_ms per stage
-    ('segment' shared by all objects of the frame, 'crop', 'coarse', 'refine')."""
+    ('segment' shared by all objects of the frame, 'crop', 'coarse', 'refine' shared by the
+    objects refined in one batch)."""
 
     name: str
     pose: np.ndarray
@@ -176,21 +177,24 @@ class Pipeline:
         segment_ms = _ms_since(started)
         visible = {name: mask for name, mask in visible.items()
                    if np.count_nonzero(mask > 0.5) >= self.config.min_mask_pixels}
-        estimates = {}
+        starts = {}
         for name, mask in visible.items():
             others = unknown.copy()
             for other, other_mask in visible.items():
                 if other != name:
                     others |= other_mask > 0.5
-            prior = _usable_prior((prior_poses or {}).get(name))
-            estimate = self._estimate_object(name, image, K, mask, others, prior)
-            if estimate is not None:
-                estimate.timings_ms['segment'] = segment_ms
-                estimates[name] = estimate
+            start = self._start(name, image, K, mask, others,
+                                _usable_prior((prior_poses or {}).get(name)))
+            if start is not None:
+                starts[name] = start
+        estimates = {}
+        for names in self._refine_groups(starts):
+            estimates.update(self._refine(names, starts, segment_ms))
         return estimates
 
-    def _estimate_object(self, name: str, image: np.ndarray, K: np.ndarray, mask: np.ndarray,
-                         others: np.ndarray, prior: np.ndarray | None) -> PoseEstimate | None:
+    def _start(self, name: str, image: np.ndarray, K: np.ndarray, mask: np.ndarray,
+               others: np.ndarray, prior: np.ndarray | None) -> '_Start | None':
+        """The object's crop and starting hypotheses; None when it has none."""
         model = self.models[name]
         timings = {}
         started = time.perf_counter()
@@ -211,20 +215,58 @@ class Pipeline:
         timings['coarse'] = _ms_since(started)
         if len(hypotheses) == 0:
             return None
-        started = time.perf_counter()
         observation = make_observation(crop.image, crop.mask, crop.K, crop.ignore,
                                        device=self.device)
-        result = refine(observation, self.meshes[name], (hypotheses.R, hypotheses.t),
-                        self.renderer,
-                        loss=self.config.object_losses.get(name, self.config.loss),
-                        **({'optimizer': self.tracking_optimizer, **TRACKING_REFINE}
-                           if prior is not None else {'optimizer': self.detection_optimizer}))
-        timings['refine'] = _ms_since(started)
-        pose = result.pose.detach().cpu().double().numpy()
-        if not plausible_pose(pose, model.diameter):
-            return None
-        return PoseEstimate(name=name, pose=pose, score=result.score, source=hypotheses.source,
-                            diverged=result.diverged, timings_ms=timings)
+        return _Start(observation=observation, hypotheses=hypotheses, timings_ms=timings)
+
+    def _refine_groups(self, starts: dict[str, '_Start']) -> list[list[str]]:
+        """The objects of ``starts`` in groups refined as one batch: those sharing an optimizer
+        (prior or coarse starts) and a loss."""
+        groups: dict[tuple, list[str]] = {}
+        for name, start in starts.items():
+            key = (start.tracked, self.config.object_losses.get(name, self.config.loss))
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
+
+    def _refine(self, names: list[str], starts: dict[str, '_Start'],
+                segment_ms: float) -> dict[str, PoseEstimate]:
+        """Refine the objects ``names`` (one group of :meth:`_refine_groups`) together."""
+        first = starts[names[0]]
+        loss = self.config.object_losses.get(names[0], self.config.loss)
+        options = ({'optimizer': self.tracking_optimizer, **TRACKING_REFINE} if first.tracked
+                   else {'optimizer': self.detection_optimizer})
+        started = time.perf_counter()
+        results = refine_objects([starts[name].observation for name in names],
+                                 [self.meshes[name] for name in names],
+                                 [(starts[name].hypotheses.R, starts[name].hypotheses.t)
+                                  for name in names],
+                                 self.renderer, loss=loss, **options)
+        refine_ms = _ms_since(started)
+        estimates = {}
+        for name, result in zip(names, results):
+            pose = result.pose.detach().cpu().double().numpy()
+            if not plausible_pose(pose, self.models[name].diameter):
+                continue
+            start = starts[name]
+            estimates[name] = PoseEstimate(
+                name=name, pose=pose, score=result.score, source=start.hypotheses.source,
+                diverged=result.diverged,
+                timings_ms={**start.timings_ms, 'refine': refine_ms, 'segment': segment_ms})
+        return estimates
+
+
+@dataclass
+class _Start:
+    """One object's refinement input: its crop as an observation, its starting hypotheses, and
+    the timings of the stages so far."""
+
+    observation: Observation
+    hypotheses: Hypotheses
+    timings_ms: dict[str, float]
+
+    @property
+    def tracked(self) -> bool:
+        return self.hypotheses.source == 'prior'
 
 
 def checked_image(image: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """The pipeline API on ray-cast frames of the demo object: tracking from a prior, detection through
 a coarse estimator, and the input checks."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,40 @@ def test_a_box_without_mask_is_segmented_by_grabcut_and_refined(model, frame):
     assert rot_deg < 1.0 and trans_mm < 5.0  # 1 % of the distance: GrabCut's edge is not exact
     with pytest.raises(ValueError, match='box'):
         pipeline.estimate(image, SYNTHETIC_K, boxes={model.name: [10, 10, 0, 5]})
+
+
+def test_objects_of_one_frame_are_refined_in_batches_by_optimizer(model):
+    """Three copies of the demo object apart in one frame: two tracked from priors (one batch),
+    one detected (another batch)."""
+    names = ('left', 'middle', 'right')
+    models = [replace(model, name=name) for name in names]
+    rng = np.random.default_rng(4)
+    poses = [make_pose(rotation, np.array([x, 0.01, 0.6]))
+             for rotation, x in zip(random_rotations(3, rng), (-0.14, 0.0, 0.14))]
+    rendered = RaycastScene(models).render(np.stack(poses), SYNTHETIC_K, WIDTH, HEIGHT,
+                                           supersample=2)
+    covered = rendered.coverage.sum(axis=0)[..., None]
+    image = rendered.rgb + (1 - covered) * procedural_background(WIDTH, HEIGHT, rng)
+    masks = dict(zip(names, rendered.coverage))
+    pipeline = Pipeline(models, torch.device('cpu'),
+                        coarse={'right': PerturbedTruth(poses[2], 12.0)})
+    priors = {name: perturbed_start(pose, 4.0, 0.02, np.random.default_rng(i))
+              for i, (name, pose) in enumerate(zip(names[:2], poses[:2]))}
+    estimates = pipeline.estimate(image.astype(np.float32), SYNTHETIC_K, masks=masks,
+                                  prior_poses=priors)
+    assert set(estimates) == set(names)
+    for name, pose in zip(names, poses):
+        rot_deg, trans_mm = errors(estimates[name], pose)
+        assert rot_deg < 2.0 and trans_mm < 3.0, (name, rot_deg, trans_mm)
+        # The same object estimated alone, the others' masks as ignored pixels: the same pose.
+        others = sum(mask for other, mask in masks.items() if other != name) > 0.5
+        alone = pipeline.estimate(image.astype(np.float32), SYNTHETIC_K, masks={name: masks[name]},
+                                  prior_poses={name: priors[name]} if name in priors else None,
+                                  ignore=others)[name]
+        np.testing.assert_allclose(estimates[name].pose, alone.pose, atol=2e-5)
+    assert [estimates[name].source for name in names] == ['prior', 'prior', 'test']
+    refine_ms = [estimates[name].timings_ms['refine'] for name in names]
+    assert refine_ms[0] == refine_ms[1] != refine_ms[2]
 
 
 def test_objects_without_mask_or_start_are_left_out(pipeline, model, frame):

@@ -9,9 +9,9 @@ from pose_node.refine.losses import (LossConfig, Observation, colour_error, make
 from pose_node.refine.optimizers import AdamConfig, LevenbergMarquardtConfig, Level, SigmaSchedule
 from pose_node.refine.parametrization import ROTATIONS, TRANSLATIONS
 from pose_node.refine.refiner import (OPTIMIZERS, RefineResult, guarded, make_optimizer,
-                                      recentred_translations, refine)
+                                      recentred_translations, refine, refine_objects)
 
 __all__ = ['OPTIMIZERS', 'ROTATIONS', 'TRANSLATIONS', 'AdamConfig', 'LevenbergMarquardtConfig',
            'Level', 'LossConfig', 'Observation', 'RefineResult', 'SigmaSchedule', 'colour_error',
            'guarded', 'make_observation', 'make_optimizer', 'recentred_translations', 'refine',
-           'refine_loss', 'resized_observation', 'soft_iou']
+           'refine_loss', 'refine_objects', 'resized_observation', 'soft_iou']

@@ -1,7 +1,8 @@
 """What the refiner compares: the observed crop, and the losses between it and a render.
 
-Shapes: B hypotheses, crops of H x W pixels; images (H, W, 3) float 0..1; masks and weights
-(H, W) float 0..1. A ``weight`` of 0 leaves a pixel out of every term (occlusion-aware loss: other
+Shapes: B hypotheses compared with N crops of H x W pixels, N = 1 (one crop for every hypothesis)
+or N = B (hypothesis b with crop b); images (N, H, W, 3) float 0..1; masks and weights (N, H, W)
+float 0..1. A ``weight`` of 0 leaves a pixel out of every term (occlusion-aware loss: other
 known objects' visible masks, pixels outside the real image); 1 counts it fully.
 
 The loss is the paper's (Simpsi et al. 2022, eq. 3), per hypothesis:
@@ -25,10 +26,11 @@ lighting, and an unbounded gain lets a nearly black overlap fit anything."""
 
 @dataclass(frozen=True)
 class Observation:
-    """An observed crop as tensors on one device.
+    """Observed crops as tensors on one device, batched (see the module docstring for N).
 
-    image (H, W, 3) 0..1; mask (H, W) 0..1, the object's VISIBLE part; weight (H, W) 0..1, 0 where
-    a pixel is ignored; K (3, 3) the crop's intrinsics (pixels, pixel centres at integers).
+    image (N, H, W, 3) 0..1; mask (N, H, W) 0..1, the object's VISIBLE part; weight (N, H, W) 0..1,
+    0 where a pixel is ignored; K (N, 3, 3) the crops' intrinsics (pixels, pixel centres at
+    integers).
     """
 
     image: torch.Tensor
@@ -38,17 +40,26 @@ class Observation:
 
     @property
     def width(self) -> int:
-        return int(self.mask.shape[1])
+        return int(self.mask.shape[-1])
 
     @property
     def height(self) -> int:
+        return int(self.mask.shape[-2])
+
+    @property
+    def crops(self) -> int:
         return int(self.mask.shape[0])
+
+    def select(self, index: torch.Tensor) -> 'Observation':
+        """The crops ``index`` (b,) int64 (crop index[i] as crop i)."""
+        return Observation(image=self.image[index], mask=self.mask[index],
+                           weight=self.weight[index], K=self.K[index])
 
 
 def make_observation(image, mask, K, ignore=None, *, device: torch.device,
                      dtype: torch.dtype = torch.float32) -> Observation:
-    """An :class:`Observation` from array-likes: image (H, W, 3) 0..1, mask (H, W) (bool or 0..1),
-    K (3, 3), ignore (H, W) (bool or 0..1, 1 = leave out) or None."""
+    """An :class:`Observation` of one crop (N = 1) from array-likes: image (H, W, 3) 0..1, mask
+    (H, W) (bool or 0..1), K (3, 3), ignore (H, W) (bool or 0..1, 1 = leave out) or None."""
     like = dict(device=device, dtype=dtype)
     image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
@@ -64,32 +75,41 @@ def make_observation(image, mask, K, ignore=None, *, device: torch.device,
         if ignore.shape != mask.shape:
             raise ValueError(f'ignore {tuple(ignore.shape)} and mask {tuple(mask.shape)} differ')
         weight = 1.0 - ignore
-    return Observation(image=image, mask=mask, weight=weight,
-                       K=torch.as_tensor(np.asarray(K) if not isinstance(K, torch.Tensor) else K)
-                       .to(**like))
+    K = torch.as_tensor(np.asarray(K) if not isinstance(K, torch.Tensor) else K).to(**like)
+    return Observation(image=image[None], mask=mask[None], weight=weight[None], K=K[None])
+
+
+def stacked_observations(observations: list[Observation]) -> Observation:
+    """One observation holding the crops of ``observations`` in order; ValueError unless they
+    share a size, device and dtype."""
+    sizes = {(o.width, o.height) for o in observations}
+    if len(sizes) != 1:
+        raise ValueError(f'crops to refine together must share a size, got {sorted(sizes)}')
+    return Observation(*(torch.cat([getattr(o, plane) for o in observations])
+                         for plane in ('image', 'mask', 'weight', 'K')))
 
 
 def resized_observation(observation: Observation, size: int) -> Observation:
     """``observation`` resampled so that its longer side is ``size`` pixels (antialiased bilinear),
-    with the intrinsics of the resampled crop."""
+    with the intrinsics of the resampled crops."""
     height, width = observation.height, observation.width
     scale = size / max(height, width)
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
     if (out_w, out_h) == (width, height):
         return observation
-    planes = torch.cat([observation.image.permute(2, 0, 1), observation.mask[None],
-                        observation.weight[None]])[None]
+    planes = torch.cat([observation.image.permute(0, 3, 1, 2), observation.mask[:, None],
+                        observation.weight[:, None]], dim=1)
     planes = F.interpolate(planes, size=(out_h, out_w), mode='bilinear', align_corners=False,
-                           antialias=True)[0].clamp(0.0, 1.0)
-    return Observation(image=planes[:3].permute(1, 2, 0).contiguous(), mask=planes[3],
-                       weight=planes[4],
+                           antialias=True).clamp(0.0, 1.0)
+    return Observation(image=planes[:, :3].permute(0, 2, 3, 1).contiguous(), mask=planes[:, 3],
+                       weight=planes[:, 4],
                        K=resampled_intrinsics(observation.K, (width, height), (out_w, out_h)))
 
 
 def resampled_intrinsics(K: torch.Tensor, size: tuple[int, int],
                          new_size: tuple[int, int]) -> torch.Tensor:
-    """Intrinsics (3, 3) of an image of ``size`` = (W, H) px with intrinsics K (3, 3) resampled to
-    ``new_size``: its outer pixel edges (-0.5 and W - 0.5) stay the outer edges."""
+    """Intrinsics (..., 3, 3) of images of ``size`` = (W, H) px with intrinsics K (..., 3, 3)
+    resampled to ``new_size``: their outer pixel edges (-0.5 and W - 0.5) stay the outer edges."""
     A = crop_transform(np.array([-0.5, -0.5, *size], dtype=np.float64), new_size)
     return transform_intrinsics(K, torch.as_tensor(A, dtype=K.dtype, device=K.device))
 
@@ -104,7 +124,8 @@ class LossConfig:
 
 
 def soft_iou(silhouette: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(B,) weighted soft IoU of silhouettes (B, H, W) with mask (H, W), weights (H, W); 0..1."""
+    """(B,) weighted soft IoU of silhouettes (B, H, W) with masks (N, H, W), weights (N, H, W)
+    (N = 1 or B); 0..1."""
     intersection = (weight * silhouette * mask).sum(dim=(1, 2))
     union = (weight * (silhouette + mask - silhouette * mask)).sum(dim=(1, 2))
     return intersection / union.clamp(min=_EPSILON)
@@ -115,7 +136,8 @@ def colour_gain(rgb: torch.Tensor, silhouette: torch.Tensor, image: torch.Tensor
                 overlap: torch.Tensor) -> torch.Tensor:
     """(B, 3) least-squares gains g minimising sum overlap * (g * rgb - silhouette * image)^2.
 
-    rgb (B, H, W, 3) premultiplied by silhouette (B, H, W); image (H, W, 3); overlap (B, H, W)
+    rgb (B, H, W, 3) premultiplied by silhouette (B, H, W); image (N, H, W, 3) (N = 1 or B);
+    overlap (B, H, W)
     pixel weights. Clamped to GAIN_RANGE; 1 where nothing overlaps.
     """
     target = silhouette[..., None] * image

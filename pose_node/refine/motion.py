@@ -9,7 +9,7 @@ to the camera and one turned away). The rim's depth is taken from those edges, n
 surface seen at border pixels: where a face is seen at a grazing angle, the surface one pixel
 inside the outline can be a whole object radius nearer than the rim.
 
-Shapes: B poses, images H x W; K (3, 3) pixels; depths metres, 0 where nothing is known.
+Shapes: B poses, images H x W; K (B, 3, 3) pixels; depths metres, 0 where nothing is known.
 """
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def rim_depth(mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor,
         (edges.face_count == 1) & (facing_count == 1))
     pose, edge = contour.nonzero(as_tuple=True)
     ends = points[pose[:, None], edges.vertices[edge]]                             # (M, 2, 3)
-    pixels = ends @ K.T
+    pixels = ends @ K[pose].transpose(1, 2)
     pixels = pixels[..., :2] / pixels[..., 2:].clamp(min=1e-6)
     length = (pixels[:, 1] - pixels[:, 0]).norm(dim=-1)
     samples = (length / RIM_SAMPLE_SPACING_PX).ceil().long().clamp(min=1) + 1
@@ -50,7 +50,7 @@ def rim_depth(mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor,
     fraction = ((torch.arange(len(owner), device=R.device) - first[owner])
                 / (samples[owner] - 1).clamp(min=1)).to(points.dtype)[:, None]
     sample_points = ends[owner, 0] + fraction * (ends[owner, 1] - ends[owner, 0])   # (S, 3)
-    projected = sample_points @ K.T
+    projected = (K[pose[owner]] @ sample_points[:, :, None])[:, :, 0]
     u = (projected[:, 0] / projected[:, 2]).round().long()
     v = (projected[:, 1] / projected[:, 2]).round().long()
     inside = (u >= 0) & (u < width) & (v >= 0) & (v < height) & (sample_points[:, 2] > 0)
@@ -72,15 +72,16 @@ def grown_depth(depth: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def pixel_motion(depth: torch.Tensor, K: torch.Tensor, t: torch.Tensor,
-                 radius: float) -> torch.Tensor:
+                 radius: torch.Tensor) -> torch.Tensor:
     """(B, 2, 6, H, W) image motion (px per unit of each increment component) of the point at
-    depth (B, H, W) metres on each pixel's ray; 0 where the depth is 0. ``radius`` (metres) is the
-    increment's lateral unit, t (B, 3) the poses' translations."""
+    depth (B, H, W) metres on each pixel's ray; 0 where the depth is 0. ``radius`` (B,) metres is
+    the increment's lateral unit, t (B, 3) the poses' translations."""
     batch, height, width = depth.shape
     v, u = torch.meshgrid(torch.arange(height, dtype=depth.dtype, device=depth.device),
                           torch.arange(width, dtype=depth.dtype, device=depth.device),
                           indexing='ij')
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    fx, fy, cx, cy = (K[:, row, column, None, None] for row, column in ((0, 0), (1, 1), (0, 2),
+                                                                        (1, 2)))
     z = depth.clamp(min=1e-6)
     x = (u - cx) / fx * depth
     y = (v - cy) / fy * depth
@@ -91,11 +92,12 @@ def pixel_motion(depth: torch.Tensor, K: torch.Tensor, t: torch.Tensor,
     d_omega = torch.stack([torch.stack([zeros, -pz, py], dim=1),
                            torch.stack([pz, zeros, -px], dim=1),
                            torch.stack([-py, px, zeros], dim=1)], dim=2)           # (B, 3, 3, H, W)
-    d_nu = torch.stack([torch.stack([torch.full_like(depth, radius), zeros, zeros], dim=1),
-                        torch.stack([zeros, torch.full_like(depth, radius), zeros], dim=1),
+    lateral = radius[:, None, None].expand_as(depth)
+    d_nu = torch.stack([torch.stack([lateral, zeros, zeros], dim=1),
+                        torch.stack([zeros, lateral, zeros], dim=1),
                         t[:, :, None, None].expand(-1, -1, height, width)], dim=2)
     d_point = torch.cat([d_omega, d_nu], dim=2)                                    # (B, 3, 6, H, W)
-    du = (fx * d_point[:, 0] - (u - cx) * d_point[:, 2]) / z[:, None]
-    dv = (fy * d_point[:, 1] - (v - cy) * d_point[:, 2]) / z[:, None]
+    du = (fx[:, None] * d_point[:, 0] - (u - cx)[:, None] * d_point[:, 2]) / z[:, None]
+    dv = (fy[:, None] * d_point[:, 1] - (v - cy)[:, None] * d_point[:, 2]) / z[:, None]
     seen = (depth > 0)[:, None]
     return torch.stack([torch.where(seen, du, 0.0), torch.where(seen, dv, 0.0)], dim=1)

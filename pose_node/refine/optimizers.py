@@ -1,4 +1,5 @@
-"""The two refinement optimizers, both batched over B hypotheses of one object in one crop.
+"""The two refinement optimizers, both batched over B hypotheses, each of one object in one crop
+(several objects and crops may share a batch, see :class:`Problem`).
 
 - ``baseline`` (:class:`AdamConfig`): the paper's recipe (Simpsi et al. 2022, section 3.3): Adam
   on a rotation parametrization (6D by default) and the translation, back-propagating the eq.-3
@@ -45,7 +46,8 @@ Poses: object-to-camera R (B, 3, 3), t (B, 3) metres; images as in :mod:`.losses
 """
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -63,27 +65,81 @@ from pose_node.render.base import Renderer, RenderMesh, RenderOutput, Shading
 
 @dataclass(frozen=True)
 class Problem:
-    """One refinement: ``renderer`` draws ``mesh`` to compare with ``observation``
-    (full resolution) under ``loss``; ``shading`` of the colour render; ``radius`` (metres) of the
-    mesh about its origin (the unit of lateral steps)."""
+    """Hypotheses to refine, of one or more objects: ``renderer`` draws hypothesis b's mesh
+    ``meshes[owner[b]]`` to compare with crop ``owner[b]`` of ``crops`` (N crops, at the
+    working resolution; ``full``: at full resolution) under ``loss``; owner (B,) int64, or None
+    when there is one mesh and crop for any number of hypotheses; ``shading`` of the colour
+    render; ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
+    steps)."""
 
     renderer: Renderer
-    mesh: RenderMesh
-    observation: Observation
+    meshes: tuple[RenderMesh, ...]
+    crops: Observation
+    owner: torch.Tensor | None
     loss: LossConfig
     shading: Shading
-    radius: float
+    radii: torch.Tensor
+    full: Observation
 
     @classmethod
-    def create(cls, renderer: Renderer, mesh: RenderMesh, observation: Observation,
+    def create(cls, renderer: Renderer, meshes: RenderMesh | list[RenderMesh],
+               crops: Observation, owner: torch.Tensor | None = None,
                loss: LossConfig = LossConfig(), shading: Shading = Shading()) -> 'Problem':
-        return cls(renderer=renderer, mesh=mesh, observation=observation, loss=loss,
-                   shading=shading, radius=float(mesh.vertices.norm(dim=1).max()))
+        """A problem at full resolution (see the class docstring for ``owner``)."""
+        meshes = (meshes,) if isinstance(meshes, RenderMesh) else tuple(meshes)
+        if len(meshes) != crops.crops or (owner is None and len(meshes) != 1):
+            raise ValueError(f'{len(meshes)} meshes for {crops.crops} crops'
+                             + ('' if owner is not None else ' without owners'))
+        device = crops.mask.device
+        if owner is not None:
+            owner = torch.as_tensor(owner, dtype=torch.long, device=device)
+        radii = torch.tensor([float(mesh.vertices.norm(dim=1).max()) for mesh in meshes],
+                             dtype=crops.mask.dtype, device=device)
+        return cls(renderer=renderer, meshes=meshes, crops=crops, owner=owner, loss=loss,
+                   shading=shading, radii=radii, full=crops)
 
-    def at_size(self, size: int) -> Observation:
-        """The observation resampled to a longer side of ``size`` px, never enlarged."""
-        longer = max(self.observation.width, self.observation.height)
-        return resized_observation(self.observation, min(size, longer))
+    def at_size(self, size: int) -> 'Problem':
+        """The problem with its crops resampled from full resolution to a longer side of ``size``
+        px, never enlarged."""
+        longer = max(self.full.width, self.full.height)
+        return replace(self, crops=resized_observation(self.full, min(size, longer)))
+
+    def select(self, index: torch.Tensor) -> 'Problem':
+        """The hypotheses ``index`` (b,) (int64 or bool; hypothesis index[i] as i)."""
+        return self if self.owner is None else replace(self, owner=self.owner[index])
+
+    def repeat(self, copies: int) -> 'Problem':
+        """Each hypothesis followed by ``copies - 1`` more of itself."""
+        return self if self.owner is None else replace(
+            self, owner=self.owner.repeat_interleave(copies))
+
+    @cached_property
+    def observation(self) -> Observation:
+        """The crops per hypothesis: one crop for all (N = 1) when there is one, else (B, ...)."""
+        return self.crops if self.crops.crops == 1 else self.crops.select(self.owner)
+
+    @cached_property
+    def radius(self) -> torch.Tensor:
+        """(B,) metres: each hypothesis' mesh radius ((1,) for all when owner is None)."""
+        return self.radii if self.owner is None else self.radii[self.owner]
+
+    def per_mesh(self, draw, R: torch.Tensor, t: torch.Tensor, K: torch.Tensor, *args, **kwargs):
+        """``draw(mesh, R, t, K, *args, **kwargs)`` (a renderer's method, or any function
+        returning (b, ...) tensors or a RenderOutput of them) for the B hypotheses' poses
+        R (B, 3, 3), t (B, 3) and intrinsics K (B, 3, 3), one call per mesh, the results in
+        hypothesis order."""
+        if len(self.meshes) == 1:
+            return draw(self.meshes[0], R, t, K, *args, **kwargs)
+        groups = [(self.owner == crop).nonzero().squeeze(1) for crop in range(len(self.meshes))]
+        groups = [(crop, index) for crop, index in enumerate(groups) if len(index)]
+        parts = [draw(self.meshes[crop], R[index], t[index], K[index], *args, **kwargs)
+                 for crop, index in groups]
+        order = torch.argsort(torch.cat([index for _, index in groups]))
+        if isinstance(parts[0], RenderOutput):
+            planes = [(part.silhouette, part.rgb, part.depth) for part in parts]
+            return RenderOutput(*(None if plane[0] is None else torch.cat(plane)[order]
+                                  for plane in zip(*planes)))
+        return torch.cat(parts)[order]
 
 
 @dataclass
@@ -105,37 +161,40 @@ def renderer_takes_sigma(renderer: Renderer) -> bool:
     return 'sigma' in inspect.signature(renderer.render).parameters
 
 
-def render(problem: Problem, R: torch.Tensor, t: torch.Tensor, observation: Observation,
-           sigma: float | None) -> RenderOutput:
-    """Render B poses into ``observation``'s crop; ``sigma`` is used where the backend has one."""
-    extra = {'sigma': sigma} if sigma is not None and renderer_takes_sigma(problem.renderer) else {}
+def render(problem: Problem, R: torch.Tensor, t: torch.Tensor, sigma: float | None
+           ) -> RenderOutput:
+    """Render the B hypotheses' poses into their crops; ``sigma`` is used where the backend has
+    one."""
+    renderer, observation = problem.renderer, problem.observation
+    extra = {'sigma': sigma} if sigma is not None and renderer_takes_sigma(renderer) else {}
     K = observation.K.expand(R.shape[0], 3, 3)
-    return problem.renderer.render(problem.mesh, R, t, K, observation.width, observation.height,
-                                   problem.shading, **extra)
+    return problem.per_mesh(renderer.render, R, t, K, observation.width, observation.height,
+                            problem.shading, **extra)
 
 
 @torch.no_grad()
-def sharp_render(problem: Problem, R: torch.Tensor, t: torch.Tensor, observation: Observation,
+def sharp_render(problem: Problem, R: torch.Tensor, t: torch.Tensor,
                  supersample: int = 1) -> RenderOutput:
-    """Render B poses without softness or gradient: with the backend's exact mode where it has one
-    (``render_hard``), each pixel the mean of ``supersample`` x ``supersample`` point samples
-    (silhouette = covered fraction, rgb premultiplied, depth = mean over covered samples); else the
-    backend's own render (``supersample`` unused), whose silhouette is already a pixel-area
-    coverage. Without a colour term in ``problem.loss`` only the silhouette is rendered where
-    the backend can (``render_silhouette``); rgb and depth are then None."""
+    """Render the B hypotheses' poses without softness or gradient: with the backend's exact mode
+    where it has one (``render_hard``), each pixel the mean of ``supersample`` x ``supersample``
+    point samples (silhouette = covered fraction, rgb premultiplied, depth = mean over covered
+    samples); else the backend's own render (``supersample`` unused), whose silhouette is
+    already a pixel-area coverage. Without a colour term in ``problem.loss`` only the silhouette
+    is rendered where the backend can (``render_silhouette``); rgb and depth are then None."""
     hard = getattr(problem.renderer, 'render_hard', None)
     if hard is None:
-        return render(problem, R, t, observation, None)
+        return render(problem, R, t, None)
+    observation = problem.observation
     size = (observation.width, observation.height)
     width, height = observation.width * supersample, observation.height * supersample
     K = resampled_intrinsics(observation.K, size, (width, height)).expand(R.shape[0], 3, 3)
     silhouette_only = getattr(problem.renderer, 'render_silhouette', None)
     if problem.loss.colour_weight == 0 and silhouette_only is not None:
-        silhouette = silhouette_only(problem.mesh, R, t, K, width, height)
+        silhouette = problem.per_mesh(silhouette_only, R, t, K, width, height)
         if supersample > 1:
             silhouette = F.avg_pool2d(silhouette[:, None], supersample)[:, 0]
         return RenderOutput(silhouette=silhouette, rgb=None, depth=None)
-    out = hard(problem.mesh, R, t, K, width, height, problem.shading)
+    out = problem.per_mesh(hard, R, t, K, width, height, problem.shading)
     if supersample == 1:
         return out
     planes = torch.cat([out.silhouette[:, None], out.rgb.permute(0, 3, 1, 2), out.depth[:, None]],
@@ -148,12 +207,13 @@ def sharp_render(problem: Problem, R: torch.Tensor, t: torch.Tensor, observation
 
 
 @torch.no_grad()
-def evaluate(problem: Problem, R: torch.Tensor, t: torch.Tensor, observation: Observation,
+def evaluate(problem: Problem, R: torch.Tensor, t: torch.Tensor,
              supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq.-3 losses (B,) of poses R (B, 3, 3), t (B, 3) against ``observation`` and the IoUs
-    (B,) 0..1 of their silhouettes with the observed mask (ignored pixels left out), both from
-    one sharp render (no gradient)."""
-    out = sharp_render(problem, R, t, observation, supersample)
+    """Eq.-3 losses (B,) of the B hypotheses' poses R (B, 3, 3), t (B, 3) against their crops
+    and the IoUs (B,) 0..1 of their silhouettes with the observed masks (ignored pixels left
+    out), both from one sharp render (no gradient)."""
+    out = sharp_render(problem, R, t, supersample)
+    observation = problem.observation
     return (refine_loss(out.silhouette, out.rgb, observation, problem.loss),
             soft_iou(out.silhouette, observation.mask, observation.weight))
 
@@ -203,8 +263,9 @@ class AdamConfig:
 
 def adam_refine(problem: Problem, R: torch.Tensor, t: torch.Tensor,
                 config: AdamConfig) -> Trajectory:
-    """Refine poses R (B, 3, 3), t (B, 3) with Adam (see :class:`AdamConfig`)."""
-    observation = problem.at_size(config.size)
+    """Refine the B hypotheses' poses R (B, 3, 3), t (B, 3) with Adam (see
+    :class:`AdamConfig`)."""
+    problem = problem.at_size(config.size)
     scale = TranslationScale(radius=problem.radius, depth=t[:, 2].detach().clone())
     rotation = rotation_to_params(R.detach(), config.rotation).clone().requires_grad_(True)
     translation = translation_to_params(t.detach(), config.translation,
@@ -214,9 +275,8 @@ def adam_refine(problem: Problem, R: torch.Tensor, t: torch.Tensor,
     for iteration in range(config.iterations):
         sigma = config.sigma.at(iteration / max(config.iterations - 1, 1))
         out = render(problem, params_to_rotation(rotation, config.rotation),
-                     params_to_translation(translation, config.translation, scale),
-                     observation, sigma)
-        loss = refine_loss(out.silhouette, out.rgb, observation, problem.loss)
+                     params_to_translation(translation, config.translation, scale), sigma)
+        loss = refine_loss(out.silhouette, out.rgb, problem.observation, problem.loss)
         optimizer.zero_grad()
         loss.sum().backward()  # the sum keeps the hypotheses' gradients independent
         optimizer.step()
@@ -310,18 +370,19 @@ class Linearization:
 @torch.no_grad()
 def levenberg_marquardt_refine(problem: Problem, R: torch.Tensor, t: torch.Tensor,
                                config: LevenbergMarquardtConfig) -> Trajectory:
-    """Refine poses R (B, 3, 3), t (B, 3) by Levenberg-Marquardt (see
+    """Refine the B hypotheses' poses R (B, 3, 3), t (B, 3) by Levenberg-Marquardt (see
     :class:`LevenbergMarquardtConfig`); curves hold NaN where a hypothesis was no longer refined
     (``keep``, or a survivor left out of the last level)."""
     batch = R.shape[0]
     R, t = spread_starts(R.detach(), t.detach(), config.spread_deg, config.spread_directions)
-    R, t, first_costs = _levenberg_marquardt_level(
-        problem, problem.at_size(config.levels[0].size), config.levels[0], R, t, config)
     copies = R.shape[0] // batch
+    spread = problem.repeat(copies)
+    R, t, first_costs = _levenberg_marquardt_level(
+        spread.at_size(config.levels[0].size), config.levels[0], R, t, config)
     survivors = min(config.survivors, copies)
     best = first_costs[-1].view(batch, copies).argsort(dim=1)[:, :survivors]
     chosen = (torch.arange(batch, device=R.device)[:, None] * copies + best).flatten()
-    R, t = R[chosen], t[chosen]
+    R, t, problem = R[chosen], t[chosen], spread.select(chosen)
     costs = [cost[chosen] for cost in first_costs]
     live = torch.arange(batch * survivors, device=R.device)
     for number, level in enumerate(config.levels[1:], start=2):
@@ -330,7 +391,7 @@ def levenberg_marquardt_refine(problem: Problem, R: torch.Tensor, t: torch.Tenso
         if config.keep is not None:
             live = live[torch.argsort(costs[-1][live])[:config.keep]]
         R[live], t[live], level_costs = _levenberg_marquardt_level(
-            problem, problem.at_size(level.size), level, R[live], t[live], config)
+            problem.at_size(level.size).select(live), level, R[live], t[live], config)
         for cost in level_costs:
             costs.append(torch.full((len(chosen),), math.nan, dtype=R.dtype,
                                     device=R.device).index_copy(0, live, cost))
@@ -369,14 +430,14 @@ def spread_starts(R: torch.Tensor, t: torch.Tensor, degrees: float | tuple[float
             t.repeat_interleave(len(turns), dim=0))
 
 
-def _levenberg_marquardt_level(problem: Problem, observation: Observation, level: Level,
-                               R: torch.Tensor, t: torch.Tensor, config: LevenbergMarquardtConfig
+def _levenberg_marquardt_level(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor,
+                               config: LevenbergMarquardtConfig
                                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Iterate at one level; returns the poses and the cost (B,) after each pass. Hypotheses that
-    have stopped are no longer rendered."""
+    """Iterate at one level (``problem`` at its size); returns the poses and the cost (B,) after
+    each pass. Hypotheses that have stopped are no longer rendered."""
     R, t = R.clone(), t.clone()
     batch = R.shape[0]
-    current = linearize(problem, observation, level, R, t)
+    current = linearize(problem, level, R, t)
     costs = [current.cost.clone()]
     damping = torch.full((batch,), config.damping, dtype=R.dtype, device=R.device)
     rejections = torch.zeros(batch, dtype=torch.long, device=R.device)
@@ -385,10 +446,10 @@ def _levenberg_marquardt_level(problem: Problem, observation: Observation, level
         index = active.nonzero().squeeze(1)
         if len(index) == 0:
             break
-        before = current.select(index)
+        before, active_problem = current.select(index), problem.select(index)
         R_try, t_try = apply_increment(R[index], t[index], _damped_step(before, damping[index]),
-                                       problem.radius)
-        trial = residuals(problem, observation, level, R_try, t_try)
+                                       active_problem.radius)
+        trial = residuals(active_problem, level, R_try, t_try)
         accept = trial.cost < before.cost
         gain = (before.cost - trial.cost) / before.cost.clamp(min=1e-12)
         R[index[accept]], t[index[accept]] = R_try[accept], t_try[accept]
@@ -403,7 +464,7 @@ def _levenberg_marquardt_level(problem: Problem, observation: Observation, level
             moved = trial.select(going_on)
             current.assign(index[going_on], Linearization(
                 residual=moved.residual, cost=moved.cost,
-                jacobian=jacobian(problem, observation, level, R_try[going_on],
+                jacobian=jacobian(active_problem.select(going_on), level, R_try[going_on],
                                   t_try[going_on], moved)))
         costs.append(current.cost.clone())
     return R, t, costs
@@ -439,12 +500,13 @@ class Residuals:
                          None if self.colour_scale is None else self.colour_scale[index])
 
 
-def residuals(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
-              t: torch.Tensor) -> Residuals:
-    """Render poses R (B, 3, 3), t (B, 3) once; their blurred, weighted residuals."""
-    out = sharp_render(problem, R, t, observation, level.supersample)
+def residuals(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor) -> Residuals:
+    """Render the B hypotheses' poses R (B, 3, 3), t (B, 3) once; their blurred, weighted
+    residuals."""
+    observation = problem.observation
+    out = sharp_render(problem, R, t, level.supersample)
     silhouette = out.silhouette[:, None]                                           # (B, 1, H, W)
-    weight, mask = observation.weight, observation.mask
+    weight, mask = observation.weight[:, None], observation.mask[:, None]         # (N, 1, H, W)
     # Ignored pixels take the render's own value, so that blurring does not carry the
     # occluder's absence of mask into the pixels around it.
     filled_mask = weight * mask + (1.0 - weight) * silhouette
@@ -459,37 +521,40 @@ def residuals(problem: Problem, observation: Observation, level: Level, R: torch
                      colour_scale=colour_scale)
 
 
-def jacobian(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
-             t: torch.Tensor, rendered: Residuals) -> torch.Tensor:
-    """(B, N, 6) derivatives of ``rendered``'s residuals (of poses R (B, 3, 3), t (B, 3)) with
-    respect to the local increment of :func:`apply_increment`."""
+def jacobian(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor,
+             rendered: Residuals) -> torch.Tensor:
+    """(B, M, 6) derivatives of ``rendered``'s M residuals (of the B hypotheses' poses
+    R (B, 3, 3), t (B, 3)) with respect to the local increment of :func:`apply_increment`."""
+    observation = problem.observation
     reach = math.ceil(3 * level.blur) + 1
-    rim = rim_depth(problem.mesh, R, t, observation.K, observation.width,
-                    observation.height)
-    rim_motion = pixel_motion(grown_depth(rim, reach), observation.K, t, problem.radius)
+    K = observation.K.expand(R.shape[0], 3, 3)
+    rim = problem.per_mesh(rim_depth, R, t, K, observation.width, observation.height)
+    rim_motion = pixel_motion(grown_depth(rim, reach), K, t, problem.radius)
     silhouette_change = _content_change(rendered.out.silhouette[:, None], rim_motion)
-    parts = [_silhouette_scale(observation) * _blurred_change(silhouette_change, level.blur)]
+    parts = [_silhouette_scale(observation)[:, :, None]
+             * _blurred_change(silhouette_change, level.blur)]
     if rendered.colour_scale is not None:
-        surface_motion = pixel_motion(grown_depth(rendered.out.depth, reach), observation.K, t,
+        surface_motion = pixel_motion(grown_depth(rendered.out.depth, reach), K, t,
                                       problem.radius)
         parts.append(_colour_jacobian(rendered, observation, level, surface_motion,
                                       silhouette_change, problem.loss))
     return torch.cat([part.movedim(2, -1).reshape(R.shape[0], -1, 6) for part in parts], dim=1)
 
 
-def linearize(problem: Problem, observation: Observation, level: Level, R: torch.Tensor,
-              t: torch.Tensor) -> Linearization:
-    """Render poses R (B, 3, 3), t (B, 3) once; blurred residuals and their Jacobian."""
-    rendered = residuals(problem, observation, level, R, t)
+def linearize(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor) -> Linearization:
+    """Render the B hypotheses' poses R (B, 3, 3), t (B, 3) once; blurred residuals and their
+    Jacobian."""
+    rendered = residuals(problem, level, R, t)
     return Linearization(residual=rendered.residual, cost=rendered.cost,
-                         jacobian=jacobian(problem, observation, level, R, t, rendered))
+                         jacobian=jacobian(problem, level, R, t, rendered))
 
 
 def _silhouette_scale(observation: Observation) -> torch.Tensor:
-    """(H, W) weights of the silhouette residuals: ignored pixels 0, the others normalised by
-    the observed mask's size."""
-    weight = observation.weight
-    return weight / (weight * observation.mask).sum().clamp(min=1.0).sqrt()
+    """(N, 1, H, W) weights of the silhouette residuals: ignored pixels 0, the others normalised
+    by the observed mask's size."""
+    weight = observation.weight[:, None]
+    size = (weight * observation.mask[:, None]).sum(dim=(2, 3), keepdim=True)
+    return weight / size.clamp(min=1.0).sqrt()
 
 
 def _gained_render(out: RenderOutput, observation: Observation, loss: LossConfig
@@ -507,13 +572,13 @@ def _colour_residuals(out: RenderOutput, observation: Observation, level: Level,
     silhouette * image`` over the observed mask, reweighted so that their squares sum to about
     the ``colour_weight``-weighted mean absolute error (iteratively reweighted least squares)."""
     silhouette = out.silhouette
-    overlap = observation.weight * observation.mask
-    image = observation.image.permute(2, 0, 1)                                     # (3, H, W)
+    overlap = observation.weight * observation.mask                                # (N, H, W)
+    image = observation.image.permute(0, 3, 1, 2)                                  # (N, 3, H, W)
     difference = _gaussian_blur(_gained_render(out, observation, loss)
                                 - silhouette[:, None] * image, level.blur)
     count = 3.0 * (overlap * silhouette).sum(dim=(1, 2)).clamp(min=1.0)
     robust = torch.rsqrt(difference.abs() + 1e-3)
-    scale = (math.sqrt(loss.colour_weight) * overlap * robust
+    scale = (math.sqrt(loss.colour_weight) * overlap[:, None] * robust
              / count.sqrt()[:, None, None, None])
     return scale * difference, scale
 
@@ -524,10 +589,10 @@ def _colour_jacobian(rendered: Residuals, observation: Observation, level: Level
     """(B, 3, 6, H, W) derivatives of the colour residuals: the render moves with
     ``surface_motion`` (B, 2, 6, H, W); ``silhouette_change`` (B, 1, 6, H, W) is the unblurred
     silhouette's derivative (the gain and the scales are held fixed)."""
-    image = observation.image.permute(2, 0, 1)
+    image = observation.image.permute(0, 3, 1, 2)                                  # (N, 3, H, W)
     # The observed term changes where the coverage does: d(s * image) = image * ds.
     change = (_content_change(_gained_render(rendered.out, observation, loss), surface_motion)
-              - image[:, None] * silhouette_change)
+              - image[:, :, None] * silhouette_change)
     return rendered.colour_scale[:, :, None] * _blurred_change(change, level.blur)
 
 

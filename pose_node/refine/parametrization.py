@@ -64,10 +64,10 @@ def params_to_rotation(params: torch.Tensor, kind: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TranslationScale:
-    """The constants of the ``'scaled'`` translation: object radius ``radius`` (metres) and
-    reference depths ``depth`` (B,) metres (the starting poses' z)."""
+    """The constants of the ``'scaled'`` translation: object radii ``radius`` (B,) metres (or one
+    float for all) and reference depths ``depth`` (B,) metres (the starting poses' z)."""
 
-    radius: float
+    radius: float | torch.Tensor
     depth: torch.Tensor
 
 
@@ -76,7 +76,7 @@ def translation_to_params(t: torch.Tensor, kind: str, scale: TranslationScale) -
     if check_translation(kind) == 'metric':
         return t.clone()
     z = t[:, 2:]
-    lateral = t[:, :2] / z * (scale.depth[:, None] / scale.radius)
+    lateral = t[:, :2] / z * (scale.depth[:, None] / _column(scale.radius, t))
     return torch.cat([lateral, torch.log(z / scale.depth[:, None])], dim=1)
 
 
@@ -85,14 +85,20 @@ def params_to_translation(params: torch.Tensor, kind: str, scale: TranslationSca
     if check_translation(kind) == 'metric':
         return params
     z = scale.depth[:, None] * torch.exp(params[:, 2:])
-    lateral = params[:, :2] * (scale.radius / scale.depth[:, None]) * z
+    lateral = params[:, :2] * (_column(scale.radius, params) / scale.depth[:, None]) * z
     return torch.cat([lateral, z], dim=1)
 
 
 def apply_increment(R: torch.Tensor, t: torch.Tensor, delta: torch.Tensor,
-                    radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    radius: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Poses (R' (B, 3, 3), t' (B, 3)) reached from R (B, 3, 3), t (B, 3) metres by local
-    increments delta (B, 6) = (omega rad, nu); ``radius`` (metres) is the lateral unit."""
+    increments delta (B, 6) = (omega rad, nu); ``radius`` (B,) metres (or one float for all) is
+    the lateral unit."""
     omega, nu = delta[:, :3], delta[:, 3:]
-    lateral = torch.cat([nu[:, :2], torch.zeros_like(nu[:, 2:])], dim=1) * radius
+    lateral = torch.cat([nu[:, :2], torch.zeros_like(nu[:, 2:])], dim=1) * _column(radius, t)
     return axis_angle_to_matrix(omega) @ R, torch.exp(nu[:, 2:]) * (t + lateral)
+
+
+def _column(values: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (B,) or a float as a (B, 1) or (1, 1) column in ``like``'s dtype and device."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)

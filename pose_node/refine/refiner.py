@@ -1,6 +1,9 @@
-"""Render-and-compare refinement of K_h pose hypotheses of one object in one crop.
+"""Render-and-compare refinement of K_h pose hypotheses of one object in one crop
+(:func:`refine`), or of several objects, each with its hypotheses and crop, in one batch
+(:func:`refine_objects`: one render per iteration for all of them, which saves the per-call
+overhead that dominates small crops on a CPU and keeps a GPU busy).
 
-Order of work in :func:`refine`:
+Order of work:
 1. re-centre each start laterally so that its rendered silhouette's centroid (over the pixels
    that count) lies on the observed mask's (without it a 10 %-of-distance start often leaves a
    tight crop, where the IoU has no gradient);
@@ -13,13 +16,14 @@ Order of work in :func:`refine`:
 
 Poses are object-to-camera (4, 4) with translations in metres, on the mesh's device and dtype.
 """
+import itertools
 import time
 from dataclasses import dataclass
 
 import torch
 
 from pose_node.geometry import make_pose
-from pose_node.refine.losses import LossConfig, Observation
+from pose_node.refine.losses import LossConfig, Observation, stacked_observations
 from pose_node.refine.optimizers import (AdamConfig, LevenbergMarquardtConfig, Problem,
                                          adam_refine, evaluate, levenberg_marquardt_refine,
                                          sharp_render)
@@ -78,35 +82,63 @@ def refine(observation: Observation, mesh: RenderMesh, poses, renderer: Renderer
            shading: Shading = Shading(), recentre: bool = True,
            score_supersample: int = 2) -> RefineResult:
     """Refine hypotheses ``poses`` ((K_h, 4, 4), or a pair (R (K_h, 3, 3), t (K_h, 3))) of ``mesh``
-    against ``observation`` with ``renderer``; see the module docstring. Losses and the score use
-    sharp renders with ``score_supersample`` squared point samples per pixel."""
+    against ``observation`` (one crop) with ``renderer``; see the module docstring. Losses and the
+    score use sharp renders with ``score_supersample`` squared point samples per pixel."""
+    (result,) = refine_objects([observation], [mesh], [poses], renderer, optimizer, loss, shading,
+                               recentre, score_supersample)
+    return result
+
+
+def refine_objects(observations: list[Observation], meshes: list[RenderMesh], poses: list,
+                   renderer: Renderer, optimizer: OptimizerConfig = LevenbergMarquardtConfig(),
+                   loss: LossConfig = LossConfig(), shading: Shading = Shading(),
+                   recentre: bool = True, score_supersample: int = 2) -> list[RefineResult]:
+    """:func:`refine` for several objects at once, all their hypotheses in one batch: object i's
+    hypotheses ``poses[i]`` of ``meshes[i]`` against ``observations[i]`` (one crop each, all of
+    one size). One result per object; ``elapsed_ms`` and ``iterations`` are the whole batch's."""
     started = time.perf_counter()
-    R_start, t_start = _pose_batch(poses, mesh)
-    problem = Problem.create(renderer, mesh, observation, loss, shading)
+    if not len(observations) == len(meshes) == len(poses) or not observations:
+        raise ValueError(f'expected one observation, mesh and set of poses per object, got '
+                         f'{len(observations)}, {len(meshes)} and {len(poses)}')
+    starts = [_pose_batch(pose, mesh) for pose, mesh in zip(poses, meshes)]
+    counts = [len(R) for R, _ in starts]
+    R_start = torch.cat([R for R, _ in starts])
+    t_start = torch.cat([t for _, t in starts])
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=R_start.device),
+                                    torch.as_tensor(counts, device=R_start.device))
+    problem = Problem.create(renderer, meshes, stacked_observations(observations),
+                             owner if len(meshes) > 1 else None, loss, shading)
     t_init = t_start
     if recentre:
-        t_init = recentred_translations(problem, R_start, t_start,
-                                        problem.at_size(_first_size(optimizer)))
+        t_init = recentred_translations(problem.at_size(_first_size(optimizer)), R_start, t_start)
     if isinstance(optimizer, AdamConfig):
         trajectory = adam_refine(problem, R_start, t_init, optimizer)
     else:
         trajectory = levenberg_marquardt_refine(problem, R_start, t_init, optimizer)
-    losses, ious = evaluate(problem, torch.cat([R_start, trajectory.R]),
-                            torch.cat([t_start, trajectory.t]),
-                            problem.at_size(optimizer.final_size), score_supersample)
+    batch = len(owner)
+    both = torch.arange(batch, device=owner.device).repeat(2)
+    losses, ious = evaluate(problem.at_size(optimizer.final_size).select(both),
+                            torch.cat([R_start, trajectory.R]),
+                            torch.cat([t_start, trajectory.t]), score_supersample)
     start_losses, final_losses = losses.chunk(2)
     kept, losses = guarded(final_losses, start_losses)
     R = torch.where(kept[:, None, None], trajectory.R, R_start)
     t = torch.where(kept[:, None], trajectory.t, t_start)
-    winner = int(torch.argmin(losses))
     start_ious, final_ious = ious.chunk(2)
-    score = float(final_ious[winner] if kept[winner] else start_ious[winner])
     all_poses = make_pose(R, t)
-    return RefineResult(pose=all_poses[winner], score=score, hypothesis=winner,
-                        diverged=not bool(kept[winner]), poses=all_poses,
-                        start_losses=start_losses, final_losses=final_losses,
-                        loss_curve=trajectory.curves[winner], iterations=trajectory.iterations,
-                        elapsed_ms=1e3 * (time.perf_counter() - started))
+    elapsed_ms = 1e3 * (time.perf_counter() - started)
+    results = []
+    for first, count in zip(itertools.accumulate([0] + counts[:-1]), counts):
+        own = slice(first, first + count)
+        winner = int(torch.argmin(losses[own]))
+        best = first + winner
+        results.append(RefineResult(
+            pose=all_poses[best], score=float(final_ious[best] if kept[best] else start_ious[best]),
+            hypothesis=winner, diverged=not bool(kept[best]), poses=all_poses[own],
+            start_losses=start_losses[own], final_losses=final_losses[own],
+            loss_curve=trajectory.curves[best], iterations=trajectory.iterations,
+            elapsed_ms=elapsed_ms))
+    return results
 
 
 def guarded(final_losses: torch.Tensor, start_losses: torch.Tensor
@@ -138,23 +170,25 @@ def _pose_batch(poses, mesh: RenderMesh) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def recentred_translations(problem: Problem, R: torch.Tensor, t: torch.Tensor,
-                           observation: Observation, passes: int = 2) -> torch.Tensor:
+                           passes: int = 2) -> torch.Tensor:
     """Translations (B, 3) moved parallel to the image plane (depth kept) so that the sharp
-    silhouettes of poses R (B, 3, 3), t (B, 3) have their centroid on the observed mask's, both
-    over the pixels that count (weight); a silhouette outside the crop uses the projection of the
-    mesh's centroid instead. Unchanged when the observed mask is empty."""
-    weights = observation.weight * observation.mask
-    if weights.sum() <= 0:
-        return t
-    target = _centroid(weights[None])[0]
-    fx, fy = observation.K[0, 0], observation.K[1, 1]
+    silhouettes of the B hypotheses' poses R (B, 3, 3), t (B, 3) have their centroid on their
+    observed mask's (``problem`` at the working size), both over the pixels that count (weight);
+    a silhouette outside the crop uses the projection of the mesh's centroid instead. Unchanged
+    where the observed mask is empty."""
+    observation = problem.observation
+    weights = observation.weight * observation.mask                                # (N, H, W)
+    has_mask = (weights.sum(dim=(1, 2)) > 0).expand(R.shape[0])
+    target = _centroid(weights)                                                    # (N, 2) px
+    K = observation.K.expand(R.shape[0], 3, 3)
+    fx, fy = K[:, 0, 0], K[:, 1, 1]
     for _ in range(passes):
-        rendered = sharp_render(problem, R, t, observation).silhouette * observation.weight
+        rendered = sharp_render(problem, R, t).silhouette * observation.weight
         centroid = _centroid(rendered)
-        projected = _projected_mesh_centre(problem.mesh, R, t, observation.K)
+        projected = problem.per_mesh(_projected_mesh_centre, R, t, K)
         empty = rendered.sum(dim=(1, 2)) <= 0
         centroid = torch.where(empty[:, None], projected, centroid)
-        shift = target[None] - centroid                                               # (B, 2) px
+        shift = torch.where(has_mask[:, None], target - centroid, 0.0)                # (B, 2) px
         t = t + torch.stack([shift[:, 0] / fx, shift[:, 1] / fy,
                              torch.zeros_like(shift[:, 0])], dim=1) * t[:, 2:]
     return t
@@ -172,7 +206,8 @@ def _centroid(images: torch.Tensor) -> torch.Tensor:
 
 def _projected_mesh_centre(mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor,
                            K: torch.Tensor) -> torch.Tensor:
-    """(B, 2) pixel of the mesh's vertex centroid at poses R (B, 3, 3), t (B, 3)."""
+    """(B, 2) pixel of the mesh's vertex centroid at poses R (B, 3, 3), t (B, 3) through
+    intrinsics K (B, 3, 3)."""
     centre = R @ mesh.vertices.mean(dim=0) + t
-    image = centre @ K.T
+    image = (K @ centre[:, :, None])[:, :, 0]
     return image[:, :2] / image[:, 2:].clamp(min=1e-6)
