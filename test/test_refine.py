@@ -494,6 +494,19 @@ def test_objects_refined_together_match_objects_refined_apart(model, scene, mesh
     assert (together[1].final_losses < together[1].start_losses).all()
 
 
+def test_every_backend_refines_objects_together(model, scene, mesh, renderer):
+    box = box_model((0.08, 0.05, 0.03))
+    cases = [synthetic_case(model, scene, seed=81), synthetic_case(box, RaycastScene([box]),
+                                                                   seed=82)]
+    results = refine_objects([observe(case) for case in cases],
+                             [mesh, RenderMesh.from_model(box, CPU)],
+                             [perturbed(cases[0], 10.0, 0.05, seed=8),
+                              perturbed(cases[1], 8.0, 0.03, seed=10)], renderer)
+    rotation_deg, translation = pose_errors(results[0].pose, cases[0])
+    assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
+    assert results[1].final_losses[0] < 0.5 * results[1].start_losses[0]
+
+
 def test_objects_refined_together_need_crops_of_one_size(model, scene, mesh, soft):
     small = synthetic_case(model, scene, seed=83, size=CROP // 2)
     large = synthetic_case(model, scene, seed=84)
