@@ -188,8 +188,8 @@ class Pipeline:
             if start is not None:
                 starts[name] = start
         estimates = {}
-        for names in self._refine_groups(starts):
-            estimates.update(self._refine(names, starts, segment_ms))
+        for (tracked, loss), names in self._refine_groups(starts).items():
+            estimates.update(self._refine(names, tracked, loss, starts, segment_ms))
         return estimates
 
     def _start(self, name: str, image: np.ndarray, K: np.ndarray, mask: np.ndarray,
@@ -219,21 +219,20 @@ class Pipeline:
                                        device=self.device)
         return _Start(observation=observation, hypotheses=hypotheses, timings_ms=timings)
 
-    def _refine_groups(self, starts: dict[str, '_Start']) -> list[list[str]]:
-        """The objects of ``starts`` in groups refined as one batch: those sharing an optimizer
-        (prior or coarse starts) and a loss."""
-        groups: dict[tuple, list[str]] = {}
+    def _refine_groups(self, starts: dict[str, '_Start']
+                       ) -> dict[tuple[bool, LossConfig], list[str]]:
+        """The objects of ``starts`` in groups refined as one batch, keyed by what they share:
+        whether they are tracked (prior starts, else coarse starts) and their loss."""
+        groups: dict[tuple[bool, LossConfig], list[str]] = {}
         for name, start in starts.items():
             key = (start.tracked, self.config.object_losses.get(name, self.config.loss))
             groups.setdefault(key, []).append(name)
-        return list(groups.values())
+        return groups
 
-    def _refine(self, names: list[str], starts: dict[str, '_Start'],
-                segment_ms: float) -> dict[str, PoseEstimate]:
+    def _refine(self, names: list[str], tracked: bool, loss: LossConfig,
+                starts: dict[str, '_Start'], segment_ms: float) -> dict[str, PoseEstimate]:
         """Refine the objects ``names`` (one group of :meth:`_refine_groups`) together."""
-        first = starts[names[0]]
-        loss = self.config.object_losses.get(names[0], self.config.loss)
-        options = ({'optimizer': self.tracking_optimizer, **TRACKING_REFINE} if first.tracked
+        options = ({'optimizer': self.tracking_optimizer, **TRACKING_REFINE} if tracked
                    else {'optimizer': self.detection_optimizer})
         started = time.perf_counter()
         results = refine_objects([starts[name].observation for name in names],

@@ -465,13 +465,19 @@ def test_colour_term_converges(model, scene, mesh, soft):
     assert rotation_deg < 1.0 and translation < 0.01, (rotation_deg, translation)
 
 
+def demo_object_and_box(model, scene) -> tuple[list[Case], RenderMesh]:
+    """Two objects to refine together: a case of the demo object and one of a box, and the box's
+    mesh."""
+    box = box_model((0.08, 0.05, 0.03))
+    cases = [synthetic_case(model, scene, seed=81), synthetic_case(box, RaycastScene([box]),
+                                                                   seed=82)]
+    return cases, RenderMesh.from_model(box, CPU)
+
+
 @pytest.mark.parametrize('optimizer', ['default', 'baseline'])
 def test_objects_refined_together_match_objects_refined_apart(model, scene, mesh, soft,
                                                               optimizer):
-    box = box_model((0.08, 0.05, 0.03))
-    box_mesh = RenderMesh.from_model(box, CPU)
-    cases = [synthetic_case(model, scene, seed=81), synthetic_case(box, RaycastScene([box]),
-                                                                   seed=82)]
+    cases, box_mesh = demo_object_and_box(model, scene)
     starts = [perturbed(cases[0], 10.0, 0.05, seed=8),
               tuple(np.concatenate(parts) for parts in zip(perturbed(cases[1], 60.0, 0.1, 9),
                                                            perturbed(cases[1], 8.0, 0.03, 10)))]
@@ -495,11 +501,8 @@ def test_objects_refined_together_match_objects_refined_apart(model, scene, mesh
 
 
 def test_every_backend_refines_objects_together(model, scene, mesh, renderer):
-    box = box_model((0.08, 0.05, 0.03))
-    cases = [synthetic_case(model, scene, seed=81), synthetic_case(box, RaycastScene([box]),
-                                                                   seed=82)]
-    results = refine_objects([observe(case) for case in cases],
-                             [mesh, RenderMesh.from_model(box, CPU)],
+    cases, box_mesh = demo_object_and_box(model, scene)
+    results = refine_objects([observe(case) for case in cases], [mesh, box_mesh],
                              [perturbed(cases[0], 10.0, 0.05, seed=8),
                               perturbed(cases[1], 8.0, 0.03, seed=10)], renderer)
     rotation_deg, translation = pose_errors(results[0].pose, cases[0])
