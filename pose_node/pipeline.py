@@ -7,7 +7,9 @@ Data flows one way, per object:
    else the ``segmenter``'s mask; an object without a mask is not estimated this frame;
 2. crop: a square around the mask's box (in tracking mode joined with the prior pose's projected
    box) enlarged by ``crop_scale`` and resampled to ``crop_size``, with its intrinsics; the other
-   objects' masks are ignored pixels, so occluders do not drag the pose;
+   objects' masks are ignored pixels, so occluders do not drag the pose, and so are the
+   ``ignore`` pixels and the hidden parts the segmenter finds (of the objects it segmented, where
+   no mask claims them): an occluder no mask names does not cut the object short;
 3. hypotheses: the prior pose when one is given (tracking: detection is skipped), else the coarse
    estimator's top ``hypotheses``;
 4. refinement: render-and-compare of all hypotheses of all objects that share an optimizer
@@ -166,23 +168,29 @@ class Pipeline:
                    else checked_mask(ignore, (height, width), 'ignore') > 0.5)
         boxed = {name: checked_box(box, name) for name, box in (boxes or {}).items()
                  if name in self.models and name not in visible}
+        hidden = np.zeros((height, width), bool)
         if self.segmenter is not None and set(visible) != set(self.models):
-            for name, (mask, _score) in self.segmenter.segment(image).items():
+            for name, found in self.segmenter.segment(image).items():
+                if name in visible:
+                    continue
+                visible[name] = found.mask
                 if name in boxed:
-                    mask = mask * box_pixels(boxed[name], (height, width))
-                visible.setdefault(name, mask)
+                    visible[name] = found.mask * box_pixels(boxed[name], (height, width))
+                if found.hidden is not None:
+                    hidden |= found.hidden
         for name, box in boxed.items():
             if np.count_nonzero(visible.get(name, 0) > 0.5) < self.config.min_mask_pixels:
                 visible[name] = box_foreground(image, box).astype(np.float32)
         segment_ms = _ms_since(started)
         visible = {name: mask for name, mask in visible.items()
                    if np.count_nonzero(mask > 0.5) >= self.config.min_mask_pixels}
+        claims = np.zeros((height, width), np.int32)
+        for mask in visible.values():
+            claims += mask > 0.5
+        unknown |= hidden & (claims == 0)
         starts = {}
         for name, mask in visible.items():
-            others = unknown.copy()
-            for other, other_mask in visible.items():
-                if other != name:
-                    others |= other_mask > 0.5
+            others = unknown | (claims - (mask > 0.5) > 0)
             start = self._start(name, image, K, mask, others,
                                 _usable_prior((prior_poses or {}).get(name)))
             if start is not None:

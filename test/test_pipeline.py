@@ -8,7 +8,7 @@ import torch
 
 from pose_node import metrics
 from pose_node.coarse import Hypotheses
-from pose_node.crop import box_foreground, mask_box
+from pose_node.crop import Segment, box_foreground, mask_box
 from pose_node.datasets.refine_cases import SYNTHETIC_K, perturbed_start
 from pose_node.datasets.synthetic import procedural_background
 from pose_node.geometry import make_pose, random_rotations
@@ -100,6 +100,38 @@ def test_ignored_pixels_let_a_hidden_part_count_as_unknown(model, frame):
     assert told_rot < 1.0 and told_trans < 3.0
     # Without being told, the hidden part is taken for background and the pose shrinks onto it.
     assert untold_rot > 3 * told_rot or untold_trans > 3 * told_trans
+
+
+class GivenSegments:
+    """A segmenter (the protocol) that finds the given segments in any image."""
+
+    def __init__(self, segments: dict[str, Segment]):
+        self.segments = segments
+
+    def segment(self, image):
+        return self.segments
+
+
+def test_a_segmenters_hidden_part_is_unknown_where_no_mask_claims_it(model, frame):
+    image, mask, pose = frame
+    cols = np.nonzero(mask.any(axis=0))[0]
+    hidden = np.zeros_like(mask, bool)
+    hidden[:, int(np.percentile(cols, 60)):] = True
+    occluded = np.where(hidden[..., None], 0.5, image).astype(np.float32)
+    visible = (mask > 0.5) & ~hidden
+    coarse = {model.name: PerturbedTruth(pose, 12.0)}
+    told = Pipeline([model], torch.device('cpu'), coarse=coarse).estimate(
+        occluded, SYNTHETIC_K, masks={model.name: visible}, ignore=hidden)[model.name]
+    segmented = Pipeline([model], torch.device('cpu'), coarse=coarse, segmenter=GivenSegments(
+        {model.name: Segment(visible.astype(np.float32), 0.9, hidden)})).estimate(
+        occluded, SYNTHETIC_K)[model.name]
+    np.testing.assert_allclose(segmented.pose, told.pose, atol=1e-9)
+    assert segmented.score == pytest.approx(told.score)
+    # A hidden part over the object's own visible mask is not made unknown.
+    blanket = Pipeline([model], torch.device('cpu'), coarse=coarse, segmenter=GivenSegments(
+        {model.name: Segment(visible.astype(np.float32), 0.9, hidden | visible)})).estimate(
+        occluded, SYNTHETIC_K)[model.name]
+    np.testing.assert_allclose(blanket.pose, told.pose, atol=1e-9)
 
 
 def test_a_box_without_mask_is_segmented_by_grabcut_and_refined(model, frame):

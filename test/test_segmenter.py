@@ -60,44 +60,63 @@ def test_object_masks_keep_the_big_confident_parts_and_score_them():
     assert list(seg.object_masks(probabilities, ('a', 'b'), min_score=0.5)) == ['a', 'b']
 
 
+def soft_dice(probabilities: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    return 1 - (2 * (probabilities * truth).sum() + 1) / (probabilities.sum() + truth.sum() + 1)
+
+
 def test_loss_is_cross_entropy_plus_dice_by_hand():
     labels = torch.tensor([[[0, 1], [1, 1]]])
     logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]])
     probabilities = torch.softmax(logits, dim=1)[0, 1]
-    truth = (labels[0] == 1).float()
-    dice = 1 - (2 * (probabilities * truth).sum() + 1) / (probabilities.sum() + truth.sum() + 1)
-    expected = F.cross_entropy(logits, labels) + dice
+    expected = F.cross_entropy(logits, labels) + soft_dice(probabilities, (labels[0] == 1).float())
     assert float(seg.segmentation_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+    amodal_logits = torch.tensor([[[[-1.0, 2.0], [0.5, 1.5]]]])
+    whole = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    expected = expected + F.binary_cross_entropy_with_logits(amodal_logits, whole) \
+        + soft_dice(torch.sigmoid(amodal_logits)[0, 0], whole[0, 0])
+    got = seg.segmentation_loss(torch.cat([logits, amodal_logits], dim=1), labels, whole)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
 
 
-def blob_images(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise images with one orange disc (class 1) each: (B, 3, 32, 32), labels (B, 32, 32)."""
+def blob_images(rng: np.random.Generator, count: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise images with one orange disc (class 1) each, half of them with a grey bar across
+    it: (B, 3, 32, 32), labels (B, 32, 32) of the visible disc, the whole discs (B, 1, 32, 32)."""
     v, u = np.mgrid[0:32, 0:32]
-    images, labels = [], []
-    for _ in range(count):
+    images, labels, wholes = [], [], []
+    for index in range(count):
         image = rng.uniform(0, 0.5, (32, 32, 3)).astype(np.float32)
         cx, cy = rng.uniform(8, 24, 2)
         disc = (u - cx) ** 2 + (v - cy) ** 2 < 36
         image[disc] = [1.0, 0.6, 0.1]
+        bar = (np.abs(u - cx) < 2) & (index % 2 == 1)
+        image[bar] = 0.7
         images.append(image.transpose(2, 0, 1))
-        labels.append(disc.astype(np.int64))
-    return torch.as_tensor(np.stack(images)), torch.as_tensor(np.stack(labels))
+        labels.append((disc & ~bar).astype(np.int64))
+        wholes.append(disc[None].astype(np.float32))
+    return tuple(torch.as_tensor(np.stack(items)) for items in (images, labels, wholes))
 
 
-def test_a_few_training_steps_lower_the_loss():
+def test_a_few_training_steps_lower_both_heads_losses():
     torch.manual_seed(0)
-    images, labels = blob_images(np.random.default_rng(0), 8)
-    net = seg.SegmentationNet(2, (4, 8))
+    images, labels, wholes = blob_images(np.random.default_rng(0), 8)
+    net = seg.SegmentationNet(2, (4, 8), n_amodal=1)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    with torch.no_grad():
-        before = float(seg.segmentation_loss(net(images), labels))
-    for _ in range(25):
+
+    def losses() -> tuple[float, float]:
+        with torch.no_grad():
+            logits = net(images)
+        visible = float(seg.segmentation_loss(logits[:, :2], labels))
+        return visible, float(seg.segmentation_loss(logits, labels, wholes)) - visible
+
+    visible_before, amodal_before = losses()
+    for _ in range(40):
         optimizer.zero_grad()
-        loss = seg.segmentation_loss(net(images), labels)
-        loss.backward()
+        seg.segmentation_loss(net(images), labels, wholes).backward()
         optimizer.step()
-    with torch.no_grad():
-        assert float(seg.segmentation_loss(net(images), labels)) < 0.6 * before
+    visible_after, amodal_after = losses()
+    assert visible_after < 0.6 * visible_before and amodal_after < 0.6 * amodal_before, \
+        (visible_before, visible_after, amodal_before, amodal_after)
 
 
 def test_weights_load_weights_only_and_reproduce_the_outputs(tmp_path):
@@ -111,13 +130,52 @@ def test_weights_load_weights_only_and_reproduce_the_outputs(tmp_path):
     loaded = seg.load_segmenter(path, torch.device('cpu'))
     assert loaded.config == config
     image = np.random.default_rng(2).uniform(0, 1, (48, 80, 3)).astype(np.float32)
-    got = loaded.probabilities(image)
-    assert got.shape == (3, 48, 80)
-    np.testing.assert_allclose(got.sum(axis=0), 1, atol=1e-5)
+    classes, amodal = loaded.probabilities(image)
+    assert classes.shape == (3, 48, 80) and amodal.shape == (2, 48, 80)
+    np.testing.assert_allclose(classes.sum(axis=0), 1, atol=1e-5)
     with torch.no_grad():   # the original network by hand: 80 px -> 64, 48 px -> 38.4 -> 40
         logits = net.eval()(seg.image_tensor(image, (40, 64), torch.device('cpu')))
-        expected = torch.softmax(F.interpolate(logits, size=(48, 80), mode='bilinear'), 1)[0]
-    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+        logits = F.interpolate(logits, size=(48, 80), mode='bilinear')[0]
+    np.testing.assert_allclose(classes, torch.softmax(logits[:3], 0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(amodal, torch.sigmoid(logits[3:]).numpy(), atol=1e-6)
+
+
+def test_weights_from_before_the_amodal_head_load_without_it(tmp_path):
+    old = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8), amodal=False)
+    path = tmp_path / 'old.pt'
+    values = old.to_dict()
+    del values['amodal']
+    seg.save_weights(path, 'segmenter', values, seg.make_segmentation_net(old).state_dict())
+    loaded = seg.load_segmenter(path, torch.device('cpu'))
+    assert loaded.config == old and loaded.net.head.out_channels == 2
+    classes, amodal = loaded.probabilities(np.zeros((32, 32, 3), np.float32))
+    assert classes.shape == (2, 32, 32) and amodal is None
+
+
+def test_warm_start_seeds_the_amodal_head_with_the_visible_probability():
+    torch.manual_seed(3)
+    old = seg.make_segmentation_net(seg.SegmenterConfig(('a',), widths=(4, 8), amodal=False))
+    new = seg.make_segmentation_net(seg.SegmenterConfig(('a',), widths=(4, 8)))
+    assert seg.warm_start(new, old.state_dict()) == []
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        old_logits, new_logits = old(images), new(images)
+    torch.testing.assert_close(new_logits[:, :2], old_logits)
+    torch.testing.assert_close(torch.sigmoid(new_logits[:, 2]),
+                               torch.softmax(old_logits, dim=1)[:, 1])
+    other = seg.make_segmentation_net(seg.SegmenterConfig(('a',), widths=(8, 8)))
+    assert 'encoder.0.0.0.weight' in seg.warm_start(other, old.state_dict())
+
+
+def test_hidden_part_is_the_silhouette_outside_the_visible_mask_without_thin_rims():
+    visible = np.zeros((40, 40), bool)
+    visible[10:30, 10:20] = True
+    amodal = np.zeros((40, 40), np.float32)
+    amodal[9:31, 9:31] = 0.9     # overshoots the visible edge by 1 px, hidden block on the right
+    hidden = seg.hidden_part(amodal, visible)
+    assert hidden[10:30, 20:31].all() and hidden.sum() == 20 * 11 + 2 * 11
+    assert not hidden[9, 10:20].any() and not hidden[10:30, 9].any() and not (hidden & visible).any()
+    assert not seg.hidden_part(amodal * 0.5, visible).any()
 
 
 def test_missing_corrupt_or_foreign_weights_name_the_file(tmp_path):
@@ -160,7 +218,8 @@ def test_shipped_segmenter_finds_the_demo_object_in_ray_cast_demo_frames():
     for _ in range(DEMO_FRAMES):
         rgb, truth = demo_frame(scene, rng)
         found = segmenter.segment(rgb)
-        mask = found['demo_object'][0] > 0.5 if 'demo_object' in found else np.zeros_like(truth)
+        mask = found['demo_object'].mask > 0.5 if 'demo_object' in found \
+            else np.zeros_like(truth)
         ious.append(seg.mask_iou(mask, truth))
     assert np.median(ious) >= SHIPPED_MIN_MEDIAN_IOU, ious
 
@@ -175,7 +234,7 @@ def test_edge_refinement_moves_the_network_masks_onto_the_object_edges():
         for edges, ious in ((False, raw), (True, refined)):
             segmenter.refine_edges = edges
             found = segmenter.segment(rgb)
-            ious.append(seg.mask_iou(found['demo_object'][0] > 0.5, truth)
+            ious.append(seg.mask_iou(found['demo_object'].mask > 0.5, truth)
                         if 'demo_object' in found else 0.0)
     assert np.median(refined) >= 0.97 and np.median(refined) > np.median(raw), (raw, refined)
 

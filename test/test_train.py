@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pose_node.coarse.regressor import load_regressor
+from pose_node.crop import segmenter as seg
 from pose_node.crop.segmenter import load_segmenter
 from pose_node.resources import load_demo_object
 from pose_node.tools import cli
@@ -66,6 +67,25 @@ def test_segment_writes_loadable_weights_checkpoint_and_curves_and_resumes(data,
     assert resumed['history'][0] == checkpoint['history'][0]
     second_weights = torch.load(out, weights_only=True)['state_dict']
     assert any(not torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+
+
+def test_segment_learns_the_amodal_head_and_can_start_from_older_weights(data, tmp_path, capsys):
+    old_config = seg.SegmenterConfig(('demo_object',), 64, seg.widths_for(4), amodal=False)
+    torch.manual_seed(0)
+    old_net = seg.make_segmentation_net(old_config)
+    old = tmp_path / 'old.pt'
+    seg.save_weights(old, 'segmenter', old_config.to_dict(), old_net.state_dict())
+    out = tmp_path / 'seg.pt'
+    assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out', str(out),
+                 '--init', str(old), '--lr', '1e-12', *TINY_SEGMENT) == 0
+    assert f'started from {old}; fresh tensors: none' in capsys.readouterr().out
+    segmenter = load_segmenter(out, torch.device('cpu'))
+    assert segmenter.config.amodal
+    head = torch.load(out, weights_only=True)['state_dict']['head.weight']
+    expected = old_net.state_dict()['head.weight']
+    torch.testing.assert_close(head[2], expected[1] - expected[0], atol=1e-6, rtol=0)
+    history = torch.load(out.with_suffix('.ckpt'), weights_only=True)['history']
+    assert 0 <= history[0]['val_amodal_iou_median'] <= 1
 
 
 def test_pose_writes_a_regressor_for_the_demo_object(data, tmp_path):

@@ -187,9 +187,20 @@ def label_masks(stored: np.ndarray, names: list[str]) -> tuple[dict[str, np.ndar
             stored == np.iinfo(stored.dtype).max)
 
 
+@dataclass
+class Segment:
+    """One object a segmenter found in an (H, W) image: mask (H, W) float32 0..1, its visible
+    part; score 0..1; hidden (H, W) bool, where its whole silhouette lies behind something
+    (occluders included that no mask names), or None when the segmenter cannot tell."""
+
+    mask: np.ndarray
+    score: float
+    hidden: np.ndarray | None = None
+
+
 class Segmenter(Protocol):
     """Anything that finds the configured objects' visible masks in a full image."""
 
-    def segment(self, image: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
-        """Per object name found in ``image`` (H, W, 3) float32 0..1: its visible mask (H, W)
-        float32 0..1 and a score 0..1. Objects not found are left out."""
+    def segment(self, image: np.ndarray) -> dict[str, Segment]:
+        """Per object name found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`.
+        Objects not found are left out."""

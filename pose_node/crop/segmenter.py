@@ -1,10 +1,12 @@
 """The built-in segmenter: a tiny U-Net that labels every pixel of a full image as background or
-one of the configured objects (each object at most once per image, as in LM-O).
+one of the configured objects (each object at most once per image, as in LM-O), and, with an
+amodal head, tells per object whether a pixel lies inside its whole silhouette, hidden or not.
 
 The image is resized so that its longer side is ``input_size`` px (both sides rounded to a
 multiple of the network's stride), the logits are resized back to the image, and per object the
 class probability is its mask (:class:`NetworkSegmenter`, the :class:`pose_node.crop.Segmenter`
-protocol). ``widths`` sets the channels per scale; doubling them scales the same design up for a
+protocol); the amodal head's pixels outside the visible mask are the object's hidden part, which
+the pipeline leaves out of every comparison instead of taking it for background. ``widths`` sets the channels per scale; doubling them scales the same design up for a
 GPU.
 
 Weight files (:func:`save_weights`, :func:`read_weights`) hold only a state dict and a JSON-able
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pose_node.crop import refine_mask_edges
+from pose_node.crop import Segment, refine_mask_edges
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
 """Pixel normalisation inside the networks: 0..1 RGB becomes roughly zero-mean, unit-spread."""
@@ -31,6 +33,12 @@ MIN_AREA_FRACTION = 2e-4
 """Masks smaller than this fraction of the image (60 px in VGA) are left out as noise."""
 MIN_SCORE = 0.6
 """Masks whose mean object probability is below this are left out."""
+AMODAL_THRESHOLD = 0.5
+"""Pixels whose amodal probability is above this are inside the object's whole silhouette."""
+HIDDEN_OPENING_PX = 5
+"""The hidden part is opened with a square of this side: the thin ring by which the amodal
+silhouette overshoots an unoccluded object's visible edge is not a hidden part (counting it as
+unknown would loosen the edge the refinement aligns to)."""
 KEEP_COMPONENT_FRACTION = 0.2
 """Connected parts of a mask smaller than this fraction of its largest part are dropped: an
 object occurs once, so small far-away blobs are false positives (an occluder may still split
@@ -93,10 +101,11 @@ class SegmentationNet(nn.Module):
     connections, logits bilinearly upsampled to the input.
 
     forward: x (B, 3, H, W) RGB 0..1, H and W multiples of :attr:`stride` -> logits
-    (B, n_classes, H, W), class 0 the background.
+    (B, n_classes + n_amodal, H, W): first the classes' (class 0 the background, softmax), then
+    per object (class i + 1) its amodal logit (sigmoid: inside its whole silhouette).
     """
 
-    def __init__(self, n_classes: int, widths: tuple[int, ...]):
+    def __init__(self, n_classes: int, widths: tuple[int, ...], n_amodal: int = 0):
         super().__init__()
         channels = (3,) + tuple(widths)
         self.encoder = nn.ModuleList(
@@ -105,7 +114,8 @@ class SegmentationNet(nn.Module):
             for i in range(len(widths)))
         self.decoder = nn.ModuleList(
             conv_block(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
-        self.head = nn.Conv2d(widths[0], n_classes, 1)
+        self.head = nn.Conv2d(widths[0], n_classes + n_amodal, 1)
+        self.n_classes = n_classes
         self.stride = 2 ** len(widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,16 +135,21 @@ class SegmentationNet(nn.Module):
 @dataclass(frozen=True)
 class SegmenterConfig:
     """object_names: class i + 1 is object_names[i]; input_size: longer image side fed to the
-    network, px; widths: channels per U-Net stage."""
+    network, px; widths: channels per U-Net stage; amodal: whether the network has the amodal
+    head."""
 
     object_names: tuple[str, ...]
     input_size: int = 320
     widths: tuple[int, ...] = (16, 32, 64, 64)
+    amodal: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> SegmenterConfig:
+        """The config of a weights file; files written before the amodal head have no
+        ``amodal`` key."""
         return cls(object_names=tuple(values['object_names']), input_size=int(values['input_size']),
-                   widths=tuple(int(w) for w in values['widths']))
+                   widths=tuple(int(w) for w in values['widths']),
+                   amodal=bool(values.get('amodal', False)))
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -147,7 +162,26 @@ def widths_for(base: int) -> tuple[int, ...]:
 
 
 def make_segmentation_net(config: SegmenterConfig) -> SegmentationNet:
-    return SegmentationNet(len(config.object_names) + 1, config.widths)
+    n_objects = len(config.object_names)
+    return SegmentationNet(n_objects + 1, config.widths, n_objects if config.amodal else 0)
+
+
+def warm_start(net: SegmentationNet, state_dict: dict) -> list[str]:
+    """Load into ``net`` the tensors of ``state_dict`` (another segmenter's weights) whose names
+    and shapes match; a class head without amodal rows seeds them with each object's logit
+    minus the background's, so that the amodal head starts as the visible mask's probability.
+    Returns the names of ``net``'s tensors left as initialised."""
+    own = net.state_dict()
+    loaded = {key: value for key, value in state_dict.items()
+              if key in own and own[key].shape == value.shape}
+    n_classes = net.n_classes
+    for key in ('head.weight', 'head.bias'):
+        head = state_dict.get(key)
+        if key not in loaded and head is not None and head.shape[0] == n_classes \
+                and own[key].shape[0] == 2 * n_classes - 1 and own[key].shape[1:] == head.shape[1:]:
+            loaded[key] = torch.cat([head, head[1:] - head[:1]])
+    net.load_state_dict(own | loaded)
+    return sorted(set(own) - set(loaded))
 
 
 def network_size(height: int, width: int, input_size: int, stride: int) -> tuple[int, int]:
@@ -218,36 +252,56 @@ class NetworkSegmenter:
         self.refine_edges = refine_edges
 
     @torch.no_grad()
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """(1 + n_objects, H, W) float32 class probabilities of ``image`` (H, W, 3) 0..1."""
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Of ``image`` (H, W, 3) 0..1: the class probabilities (1 + n_objects, H, W) float32,
+        and per object the probability (n_objects, H, W) float32 that a pixel is inside its
+        whole silhouette (None without the amodal head)."""
         height, width = image.shape[:2]
         size = network_size(height, width, self.config.input_size, self.net.stride)
         logits = self.net(image_tensor(image, size, self.device))
         logits = F.interpolate(logits, size=(height, width), mode='bilinear',
-                               align_corners=False)
-        return torch.softmax(logits[0], dim=0).float().cpu().numpy()
+                               align_corners=False)[0].float()
+        classes, amodal = logits[:self.net.n_classes], logits[self.net.n_classes:]
+        return (torch.softmax(classes, dim=0).cpu().numpy(),
+                torch.sigmoid(amodal).cpu().numpy() if self.config.amodal else None)
 
-    def segment(self, image: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
-        """Per object found in ``image`` (H, W, 3) float32 0..1: (mask (H, W) float32 0 or 1,
-        score 0..1); see :func:`object_masks`. With ``refine_edges`` each mask's edge is moved
-        onto the image's colour edges (:func:`pose_node.crop.refine_mask_edges`; the network
-        sees the image at ``input_size``, so its edges are a few pixels off), keeping the
-        masks apart. On 60 synthetic scenes of the demo object (2 occluders per image), median
-        IoU with the true visible mask 0.81 -> 0.85, unoccluded 0.94 -> 0.98, for 40-90 ms per
-        object on a CPU."""
-        found = object_masks(self.probabilities(image), self.config.object_names,
+    def segment(self, image: np.ndarray) -> dict[str, Segment]:
+        """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
+        1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
+        (:func:`hidden_part`). With ``refine_edges`` each mask's edge is moved onto the image's
+        colour edges (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at
+        ``input_size``, so its edges are a few pixels off), keeping the masks apart. On 60
+        synthetic scenes of the demo object (2 occluders per image), median IoU with the true
+        visible mask 0.81 -> 0.85, unoccluded 0.94 -> 0.98, for 40-90 ms per object on a CPU."""
+        probabilities, amodal = self.probabilities(image)
+        found = object_masks(probabilities, self.config.object_names,
                              self.min_area_fraction, self.min_score)
-        if not self.refine_edges:
-            return found
-        claimed = {name: mask > 0.5 for name, (mask, _score) in found.items()}
-        refined = {}
-        for name, (_mask, score) in found.items():
-            edges = refine_mask_edges(image, claimed[name])
-            for other, other_mask in claimed.items():
-                if other != name:
-                    edges &= ~other_mask
-            refined[name] = (edges.astype(np.float32), score)
-        return refined
+        masks = {name: mask > 0.5 for name, (mask, _score) in found.items()}
+        if self.refine_edges:
+            refined = {}
+            for name, mask in masks.items():
+                edges = refine_mask_edges(image, mask)
+                for other, other_mask in masks.items():
+                    if other != name:
+                        edges &= ~other_mask
+                refined[name] = edges
+            masks = refined
+        segments = {}
+        for name, mask in masks.items():
+            hidden = None
+            if amodal is not None:
+                hidden = hidden_part(amodal[self.config.object_names.index(name)], mask)
+            segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden)
+        return segments
+
+
+def hidden_part(amodal: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of an object's whole silhouette, ``amodal`` (H, W) probabilities
+    above :data:`AMODAL_THRESHOLD`, outside its ``visible`` (H, W) bool mask, opened with a
+    :data:`HIDDEN_OPENING_PX` square."""
+    hidden = ((amodal > AMODAL_THRESHOLD) & ~visible).astype(np.uint8)
+    kernel = np.ones((HIDDEN_OPENING_PX, HIDDEN_OPENING_PX), np.uint8)
+    return cv2.morphologyEx(hidden, cv2.MORPH_OPEN, kernel).astype(bool)
 
 
 def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
@@ -276,17 +330,32 @@ def label_image(masks: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return labels
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus the soft Dice loss of the object classes: logits (B, C, H, W), labels
-    (B, H, W) int64. Dice keeps small objects from drowning in background pixels."""
-    cross_entropy = F.cross_entropy(logits, labels)
-    probabilities = torch.softmax(logits, dim=1)[:, 1:]
-    one_hot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    overlap = (probabilities * one_hot).sum(dim=(2, 3))
-    total = probabilities.sum(dim=(2, 3)) + one_hot.sum(dim=(2, 3))
-    present = one_hot.sum(dim=(2, 3)) > 0
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      amodal: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy plus the soft Dice loss of the object classes: logits (B, C [+ C - 1], H, W)
+    of a net with C classes, labels (B, H, W) int64; with ``amodal`` (B, C - 1, H, W) 0/1, each
+    object's whole silhouette, the same pair (binary) for the amodal logits. Dice keeps small
+    objects from drowning in background pixels."""
+    n_classes = logits.shape[1] if amodal is None else (logits.shape[1] + 1) // 2
+    classes = logits[:, :n_classes]
+    probabilities = torch.softmax(classes, dim=1)[:, 1:]
+    one_hot = F.one_hot(labels, n_classes).permute(0, 3, 1, 2)[:, 1:].float()
+    loss = F.cross_entropy(classes, labels) + dice_loss(probabilities, one_hot)
+    if amodal is not None:
+        amodal_logits = logits[:, n_classes:]
+        loss = loss + F.binary_cross_entropy_with_logits(amodal_logits, amodal) \
+            + dice_loss(torch.sigmoid(amodal_logits), amodal)
+    return loss
+
+
+def dice_loss(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean soft Dice loss over the (image, object) pairs whose ``targets`` (B, N, H, W) 0/1 are
+    present; ``probabilities`` (B, N, H, W). Zero (with a gradient path) when none is."""
+    overlap = (probabilities * targets).sum(dim=(2, 3))
+    total = probabilities.sum(dim=(2, 3)) + targets.sum(dim=(2, 3))
+    present = targets.sum(dim=(2, 3)) > 0
     dice = 1 - (2 * overlap + 1) / (total + 1)
-    return cross_entropy + (dice[present].mean() if present.any() else dice.sum() * 0)
+    return dice[present].mean() if present.any() else dice.sum() * 0
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from pose_node.coarse import regressor as reg
 from pose_node.crop import cut_crop, mask_box
 from pose_node.crop import segmenter as seg
+from pose_node.crop.segmenter import SegmentationNet
 from pose_node.datasets.bop import BopDataset, BopFrame
 from pose_node.datasets.synth import OutputLayout, SynthConfig, SynthObject, generate_dataset
 from pose_node.geometry import make_pose, rot6d_to_matrix, rotation_angle_between
@@ -99,6 +100,9 @@ def register(subparsers) -> None:
     parser.add_argument('--curves', type=Path, default=None,
                         help='validation curves PNG (default: OUT with _curves.png)')
     parser.add_argument('--resume', type=Path, default=None, help='checkpoint to continue')
+    parser.add_argument('--init', type=Path, default=None, metavar='WEIGHTS',
+                        help='segment: start from these segmenter weights (the tensors that '
+                             'fit; a head without the amodal part seeds it from the classes)')
     parser.add_argument('--evaluate', type=Path, default=None, metavar='WEIGHTS',
                         help='no training: measure these weights on the held-out images of '
                              '--data and on --demo-frames ray-cast demo frames')
@@ -186,33 +190,39 @@ class Augmented(Dataset):
 # ------------------------------------------------------------------------------- data: segment
 
 class SegmentationImages(Augmented):
-    """Images (N, h, w, 3) uint8 and label images (N, h, w) uint8 at the network's size; items
-    (image (3, h', w') float32 0..1, labels (h', w') int64), with random scale, shift and colour
-    gain in windows of :data:`TRAIN_WINDOW` when augmenting."""
+    """Images (N, h, w, 3) uint8, label images (N, h, w) uint8 and whole silhouettes
+    (N, n_objects, h, w) uint8 0/1 at the network's size; items (image (3, h', w') float32 0..1,
+    labels (h', w') int64, silhouettes (n_objects, h', w') float32), with random scale, shift
+    and colour gain in windows of :data:`TRAIN_WINDOW` when augmenting."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, augment: bool):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, silhouettes: np.ndarray,
+                 seed: int, augment: bool):
         super().__init__(seed, augment)
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.silhouettes = images, labels, silhouettes
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, labels = self.images[index], self.labels[index]
+        silhouettes = self.silhouettes[index].transpose(1, 2, 0)
         rng = self.rng(index)
         if rng is not None:
-            image, labels = random_window(image, labels, rng)
+            image, labels, silhouettes = random_window(image, labels, silhouettes, rng)
             image = color_jitter(image.astype(np.float32) / 255, rng)
         else:
             image = image.astype(np.float32) / 255
+        silhouettes = silhouettes.reshape(*labels.shape, -1).transpose(2, 0, 1)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                torch.from_numpy(labels.astype(np.int64)))
+                torch.from_numpy(labels.astype(np.int64)),
+                torch.from_numpy(silhouettes.astype(np.float32)))
 
 
-def random_window(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """A :data:`TRAIN_WINDOW`-sized window of ``image`` (h, w, 3) and ``labels`` (h, w) at a
-    random log-uniform scale and position; outside the image: grey and background."""
+def random_window(image: np.ndarray, labels: np.ndarray, silhouettes: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A :data:`TRAIN_WINDOW`-sized window of ``image`` (h, w, 3), ``labels`` (h, w) and
+    ``silhouettes`` (h, w, n) at a random log-uniform scale and position; outside the image:
+    grey, background and outside every silhouette."""
     height, width = labels.shape
     out_h, out_w = int(height * TRAIN_WINDOW) // 16 * 16, int(width * TRAIN_WINDOW) // 16 * 16
     scale = np.exp(rng.uniform(*np.log(SEGMENT_SCALE_RANGE)))
@@ -222,16 +232,20 @@ def random_window(image: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     grey = float(rng.uniform(0, 255))
     window = cv2.warpAffine(image, A, (out_w, out_h), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(grey,) * 3)
-    window_labels = cv2.warpAffine(labels, A, (out_w, out_h), flags=cv2.INTER_NEAREST,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return window, window_labels
+    window_labels, window_silhouettes = (
+        cv2.warpAffine(np.ascontiguousarray(values), A, (out_w, out_h), flags=cv2.INTER_NEAREST,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        for values in (labels, silhouettes))
+    return window, window_labels, window_silhouettes.reshape(out_h, out_w, -1)
 
 
 def segmentation_arrays(frames: list[BopFrame], config: seg.SegmenterConfig, stride: int,
-                        desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, h, w, 3) uint8 and labels (N, h, w) uint8 at the network's size (frames of
-    one size); label i + 1 is dataset obj_id i + 1."""
-    images, labels = [], []
+                        desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, h, w, 3) uint8, labels (N, h, w) uint8 and whole silhouettes
+    (N, n_objects, h, w) uint8 0/1 at the network's size (frames of one size); label i + 1 and
+    silhouette i are dataset obj_id i + 1."""
+    images, labels, silhouettes = [], [], []
+    n_objects = len(config.object_names)
     for frame in tqdm(frames, desc=desc, unit='img'):
         rgb = frame.load_rgb()
         height, width = rgb.shape[:2]
@@ -239,9 +253,15 @@ def segmentation_arrays(frames: list[BopFrame], config: seg.SegmenterConfig, str
         classes = np.array([inst.obj_id for inst in frame.instances])
         known = classes <= len(config.object_names)
         label = seg.label_image(frame.load_masks()[known], classes[known]).astype(np.uint8)
+        whole = np.zeros((n_objects, height, width), np.uint8)
+        for obj_id, mask in zip(classes[known], frame.load_masks(visible=False)[known]):
+            whole[obj_id - 1] |= mask
         images.append(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         labels.append(cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST))
-    return np.stack(images), np.stack(labels)
+        silhouettes.append(np.stack([cv2.resize(m, (size[1], size[0]),
+                                                interpolation=cv2.INTER_NEAREST)
+                                     for m in whole]))
+    return np.stack(images), np.stack(labels), np.stack(silhouettes)
 
 
 # ------------------------------------------------------------------------------- data: pose
@@ -318,6 +338,9 @@ def segment_task(args: argparse.Namespace, objects: Objects, device: torch.devic
     config = seg.SegmenterConfig(objects.names, args.input_size,
                                  seg.widths_for(args.width or 16))
     net = seg.make_segmentation_net(config)
+    if args.init is not None:
+        fresh = seg.warm_start(net, seg.read_weights(args.init, 'segmenter')[1])
+        print(f'train: started from {args.init}; fresh tensors: {", ".join(fresh) or "none"}')
     train_frames, val_frames = split_frames(args.data)
     train_set = SegmentationImages(*segmentation_arrays(train_frames, config, net.stride,
                                                         'load train'), args.seed, augment=True)
@@ -325,34 +348,40 @@ def segment_task(args: argparse.Namespace, objects: Objects, device: torch.devic
                                                       'load val'), args.seed, augment=False)
 
     def loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        images, labels = (b.to(device) for b in batch)
-        return seg.segmentation_loss(model(images), labels)
+        images, labels, silhouettes = (b.to(device) for b in batch)
+        return seg.segmentation_loss(model(images), labels, silhouettes)
 
     def validate(model: nn.Module) -> dict[str, float]:
-        ious = segmentation_ious(model, val_set, len(config.object_names), device)
+        ious, amodal_ious = segmentation_ious(model, val_set, len(config.object_names), device)
         return {'val_iou_median': float(np.median(ious)) if ious else 0.0,
-                'val_iou_ge_0.8': float(np.mean(np.asarray(ious) >= 0.8)) if ious else 0.0}
+                'val_iou_ge_0.8': float(np.mean(np.asarray(ious) >= 0.8)) if ious else 0.0,
+                'val_amodal_iou_median': float(np.median(amodal_ious)) if amodal_ious else 0.0}
 
     return Task('segmenter', net, config.to_dict(), train_set, val_set, loss, validate,
                 'val_iou_median')
 
 
 @torch.no_grad()
-def segmentation_ious(net: nn.Module, images: SegmentationImages, n_objects: int,
-                      device: torch.device) -> list[float]:
-    """IoU of the predicted (argmax) and true mask of every object present in or predicted
-    for each image, at the network's size."""
+def segmentation_ious(net: SegmentationNet, images: SegmentationImages, n_objects: int,
+                      device: torch.device) -> tuple[list[float], list[float]]:
+    """At the network's size, the IoUs of the predicted (argmax) and true visible mask, and of
+    the predicted (amodal probability > 0.5) and true whole silhouette, of every object present
+    in or predicted for each image."""
     net.eval()
-    ious = []
+    ious, amodal_ious = [], []
     for index in range(len(images)):
-        image, labels = images[index]
-        predicted = net(image[None].to(device))[0].argmax(dim=0).cpu().numpy()
-        truth = labels.numpy()
+        image, labels, silhouettes = images[index]
+        logits = net(image[None].to(device))[0].cpu()
+        predicted = logits[:net.n_classes].argmax(dim=0).numpy()
+        amodal = (logits[net.n_classes:] > 0).numpy()
+        truth, whole = labels.numpy(), silhouettes.numpy() > 0.5
         for label in range(1, n_objects + 1):
             if (truth == label).any() or (predicted == label).any():
                 ious.append(seg.mask_iou(predicted == label, truth == label))
+            if len(amodal) and (whole[label - 1].any() or amodal[label - 1].any()):
+                amodal_ious.append(seg.mask_iou(amodal[label - 1], whole[label - 1]))
     net.train()
-    return ious
+    return ious, amodal_ious
 
 
 def pose_task(args: argparse.Namespace, objects: Objects, device: torch.device) -> Task:
@@ -607,7 +636,7 @@ def evaluate_segmenter(path: Path, frames: list[BopFrame], n_demo: int, seed: in
 
 def found_iou(found: dict, name: str, truth: np.ndarray) -> float:
     """IoU of ``found[name]``'s mask (> 0.5) with ``truth`` (H, W) bool; 0 when not found."""
-    return seg.mask_iou(found[name][0] > 0.5, truth) if name in found else 0.0
+    return seg.mask_iou(found[name].mask > 0.5, truth) if name in found else 0.0
 
 
 def demo_frames(count: int, seed: int) -> list[SyntheticFrame]:
@@ -659,7 +688,7 @@ def evaluate_regressor(path: Path, model: ObjectModel, obj_id: int, frames: list
             measure('demo', rgb, K_DEMO, frame.mask, frame.pose)
             if segmenter is not None:
                 found = segmenter.segment(rgb).get(model.name)
-                measure('demo_seg', rgb, K_DEMO, None if found is None else found[0] > 0.5,
+                measure('demo_seg', rgb, K_DEMO, None if found is None else found.mask > 0.5,
                         frame.pose)
     return errors
 
