@@ -43,8 +43,8 @@ def test_bop_box_mask_is_inclusive_of_the_last_column_and_row():
 
 def test_oracle_masks_are_disjoint_and_inside_bop_visible_boxes(lmo, frame):
     models = [lmo.load_model(inst.obj_id) for inst in frame.instances]
-    masks, unknown = eval_lmo.oracle_masks(frame, models, (480, 640))
-    assert len(masks) == len(frame.instances)
+    masks, unknown, hidden = eval_lmo.oracle_masks(frame, models, (480, 640))
+    assert len(masks) == len(frame.instances) and hidden is None
     assert np.stack(masks + [unknown]).sum(axis=0).max() <= 1
     # What the clipping removes is unknown, not background: together they are the rendering.
     poses = np.stack([make_pose(inst.R, inst.t) for inst in frame.instances])
@@ -103,7 +103,7 @@ class TruthPipeline:
         self.coarse = coarse
         self.seen_masks = None
 
-    def estimate(self, image, K, masks=None, ignore=None):
+    def estimate(self, image, K, masks=None, ignore=None, hidden=None):
         self.seen_masks = masks
         for name, recorder in self.coarse.items():
             off = moved(self.truth[name], 0.5 * self.diameters[name])
@@ -136,7 +136,7 @@ class FixedPipeline:
     def __init__(self, models, device, config=None, segmenter=None, coarse=None):
         self.coarse = coarse
 
-    def estimate(self, image, K, masks=None, ignore=None):
+    def estimate(self, image, K, masks=None, ignore=None, hidden=None):
         return {name: StubEstimate(make_pose(np.eye(3), np.array([0.0, 0.0, 1.0])))
                 for name in masks}
 
@@ -181,7 +181,7 @@ class SynthTruthPipeline:
                               for inst in frame.instances} for frame in frames])
         self.seen = []
 
-    def estimate(self, image, K, masks=None, ignore=None):
+    def estimate(self, image, K, masks=None, ignore=None, hidden=None):
         self.seen.append((masks, ignore))
         truth = next(self.answers)
         return {name: StubEstimate(truth[name]) for name in masks}
@@ -217,17 +217,18 @@ def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
     assert eval_lmo.summarize(result.rows, 'refined')['add_s_recall']['mean'] == 1.0
 
 
-def test_amodal_oracle_marks_what_unnamed_occluders_hide_as_unknown(tmp_path):
+def test_amodal_oracle_gives_each_object_its_hidden_part(tmp_path):
     demo = load_demo_object()
     hidden_pixels = 0
     for frame in demo_synth_dataset(tmp_path, 4, seed=3, max_occluders=2).frames():
-        plain, nothing = eval_lmo.oracle_masks(frame, [demo], (120, 160))
-        masks, unknown = eval_lmo.oracle_masks(frame, [demo], (120, 160), amodal=True)
+        plain, nothing, no_parts = eval_lmo.oracle_masks(frame, [demo], (120, 160))
+        masks, unknown, hidden = eval_lmo.oracle_masks(frame, [demo], (120, 160), amodal=True)
         np.testing.assert_array_equal(masks[0], plain[0])
-        assert not nothing.any() and not (unknown & masks[0]).any()
+        assert not nothing.any() and not unknown.any() and no_parts is None
+        assert not (hidden[0] & masks[0]).any()
         whole = frame.load_masks(visible=False)[0]
-        np.testing.assert_array_equal(unknown | masks[0], whole | masks[0])
-        hidden_pixels += unknown.sum()
+        np.testing.assert_array_equal(hidden[0] | masks[0], whole | masks[0])
+        hidden_pixels += hidden[0].sum()
     assert hidden_pixels > 0    # the occluders hide some of the object
 
 

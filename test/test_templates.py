@@ -155,6 +155,32 @@ def test_crop_at_a_template_pose_off_axis_returns_that_pose(demo, matcher):
     assert np.linalg.norm(hypotheses.t[0] - true_pose[:3, 3]) < 0.03 * np.linalg.norm(centre)
 
 
+def test_an_occluded_object_is_matched_at_its_whole_size_when_its_hidden_part_is_known(
+        demo, matcher):
+    bank = matcher.bank
+    centre = np.array([0.02, 0.01, 0.5])
+    R = rotation_onto_ray(centre) @ bank.rotations[1000]
+    true_pose = make_pose(R, centre - R @ bank.object_centre)
+    coverage = RaycastScene([demo]).render(true_pose[None], SYNTHETIC_K, 640, 480).coverage[0]
+    whole = coverage > 0.5
+    cols = np.nonzero(whole.any(axis=0))[0]
+    hidden = whole & (np.arange(640) >= np.percentile(cols, 55))[None, :]
+    visible = (whole & ~hidden).astype(np.float32)
+    rgb = np.repeat(visible[..., None], 3, axis=2)
+
+    def distance_error(crop: Crop) -> float:
+        hypotheses = matcher.hypotheses(crop, top_k=1)
+        return float(np.linalg.norm(hypotheses.t[0] - true_pose[:3, 3]) / centre[2])
+
+    told = cut_crop(rgb, SYNTHETIC_K, mask_box(whole), 128, mask=visible, others=hidden,
+                    hidden=hidden)
+    np.testing.assert_array_equal(told.extent > 0.5, crop_of_pose(demo, true_pose).mask > 0.5)
+    assert degrees(matcher.hypotheses(told, top_k=1).R[0], R) < 3.0
+    assert distance_error(told) < 0.03
+    untold = cut_crop(rgb, SYNTHETIC_K, mask_box(whole), 128, mask=visible, others=hidden)
+    assert distance_error(untold) > 3 * distance_error(told)
+
+
 def test_random_poses_land_within_the_template_spacing(demo, matcher):
     # Neighbouring templates of FAST are up to one roll step (20 deg) apart.
     step = 360.0 / FAST.inplane

@@ -384,8 +384,9 @@ class TemplateMatcher:
         """(N,) matching scores of every template with ``crop`` (occlusion-aware IoU, plus the
         weighted colour correlation for the ``rerank`` best; -inf for those not re-ranked when
         colour is used), and the observed box side and centre offset (2,) over the focal length
-        (see :func:`silhouette_frame`)."""
-        square, side, offset = silhouette_frame(crop.mask, crop.K)
+        (see :func:`silhouette_frame`) of the crop's known extent: its visible mask and the hidden
+        part where known, so that an occluded object is matched at its whole size."""
+        square, side, offset = silhouette_frame(crop.extent, crop.K)
         size, colour_size = (self.settings.size,) * 2, (self.settings.colour_size,) * 2
         observed = torch.as_tensor(crop_image(crop.mask, square, size).reshape(-1),
                                    device=self.device)

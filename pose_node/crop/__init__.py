@@ -25,7 +25,8 @@ class Crop:
 
     image (S, S, 3) float32 0..1; mask (S, S) float32 0..1, the object's visible part (zeros when
     unknown); ignore (S, S) bool, pixels left out of every comparison (other objects, outside the
-    image); K (3, 3) the crop's intrinsics; box (4,) the crop's square in full-image pixels.
+    image); K (3, 3) the crop's intrinsics; box (4,) the crop's square in full-image pixels;
+    hidden (S, S) bool, where the object is known to lie behind something (None: not known).
     """
 
     image: np.ndarray
@@ -33,10 +34,17 @@ class Crop:
     ignore: np.ndarray
     K: np.ndarray
     box: np.ndarray
+    hidden: np.ndarray | None = None
 
     @property
     def size(self) -> int:
         return int(self.mask.shape[0])
+
+    @property
+    def extent(self) -> np.ndarray:
+        """(S, S) float32 0..1: the object's whole known silhouette, visible mask and hidden
+        part."""
+        return self.mask if self.hidden is None else np.maximum(self.mask, self.hidden)
 
 
 def mask_box(mask: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
@@ -64,12 +72,13 @@ def union_box(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def cut_crop(image: np.ndarray, K: np.ndarray, box: np.ndarray, size: int,
              mask: np.ndarray | None = None, others: np.ndarray | None = None,
-             scale: float = CROP_SCALE) -> Crop:
+             scale: float = CROP_SCALE, hidden: np.ndarray | None = None) -> Crop:
     """The crop of ``size`` px around ``box`` enlarged to a square by ``scale``.
 
     image (H, W, 3) float32 0..1; K (3, 3) of the full image; mask (H, W) this object's visible
     mask (bool or 0..1) or None; others (H, W) other objects' visible masks or None: their pixels,
-    and pixels outside the image, are ignored.
+    and pixels outside the image, are ignored; hidden (H, W) bool where this object lies hidden,
+    or None.
     """
     height, width = image.shape[:2]
     square = square_box_around(box, scale)
@@ -79,8 +88,11 @@ def cut_crop(image: np.ndarray, K: np.ndarray, box: np.ndarray, size: int,
         ignore |= crop_image(np.asarray(others, np.float32), square, out) > 0.5
     crop_mask = (np.zeros(out, np.float32) if mask is None
                  else crop_image(np.asarray(mask, np.float32), square, out))
+    crop_hidden = None if hidden is None else \
+        crop_image(np.asarray(hidden, np.float32), square, out) > 0.5
     return Crop(image=crop_image(image, square, out), mask=crop_mask, ignore=ignore,
-                K=transform_intrinsics(K, crop_transform(square, out)), box=square)
+                K=transform_intrinsics(K, crop_transform(square, out)), box=square,
+                hidden=crop_hidden)
 
 
 GRABCUT_MARGIN = 0.25

@@ -59,10 +59,10 @@ def register(subparsers) -> None:
     parser.add_argument('--split', choices=['dev', 'test'], default='dev',
                         help='LM-O split (tune on dev only; test is held out)')
     parser.add_argument('--masks', choices=['oracle', 'amodal', 'predicted'], default='oracle',
-                        help='oracle: ground-truth visible masks; amodal: the same plus what '
-                        'occluders no mask names hide as unknown pixels (datasets with mask/, '
-                        'e.g. synth: the upper bound of an amodal segmenter; on LM-O the same '
-                        'as oracle); predicted: the segmenter')
+                        help='oracle: ground-truth visible masks; amodal: the same plus each '
+                        "object's hidden part (datasets with mask/, e.g. synth: the upper bound "
+                        'of an amodal segmenter; on LM-O the same as oracle); predicted: the '
+                        'segmenter')
     parser.add_argument('--coarse', choices=['templates', 'regressor'], default='templates')
     parser.add_argument('--json', type=Path, required=True, help='write the figures here')
     parser.add_argument('--n-images', type=int, default=None, help='first N frames of the split')
@@ -88,20 +88,19 @@ def register(subparsers) -> None:
 
 
 def oracle_masks(frame: BopFrame, models: list[ObjectModel], shape: tuple[int, int],
-                 amodal: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask,
-    and the (H, W) bool pixels of unknown content. From the dataset's own ``mask_visib`` files
-    when it has them (nothing unknown, or with ``amodal`` what occluders no mask names hide: the
-    instances' whole silhouettes, ``mask``, outside every visible mask), else rendered from the
-    ground truth (``bop.visible_labels``)."""
+                 amodal: bool = False
+                 ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
+    """Per instance of ``frame`` (its ``models`` in the same order) the (H, W) bool visible mask;
+    the (H, W) bool pixels of unknown content; with ``amodal`` per instance its (H, W) bool
+    hidden part (its whole silhouette, ``mask``, outside its visible mask), else None. From the
+    dataset's own ``mask_visib`` files when it has them (nothing unknown), else rendered from the
+    ground truth (``bop.visible_labels``; no hidden parts)."""
     if not frame.has_masks():
         labels, unknown = visible_labels(frame, models, shape[1], shape[0])
-        return [labels == index + 1 for index in range(len(frame.instances))], unknown
+        return [labels == index + 1 for index in range(len(frame.instances))], unknown, None
     visible = frame.load_masks()
-    unknown = np.zeros(shape, bool)
-    if amodal:
-        unknown = frame.load_masks(visible=False).any(axis=0) & ~visible.any(axis=0)
-    return list(visible), unknown
+    hidden = list(frame.load_masks(visible=False) & ~visible) if amodal else None
+    return list(visible), np.zeros(shape, bool), hidden
 
 
 @dataclass(frozen=True)
@@ -272,14 +271,15 @@ def evaluate(frames: list[BopFrame], objects: DatasetObjects, pipeline, coarse: 
         rgb = frame.load_rgb().astype(np.float32) / 255
         shape = rgb.shape[:2]
         kept = [i for i, inst in enumerate(frame.instances) if evaluated(inst)]
-        masks = unknown = None
+        masks = unknown = hidden = None
         if masks_kind in ('oracle', 'amodal'):
-            visible, unknown = oracle_masks(frame, models, shape, masks_kind == 'amodal')
+            visible, unknown, parts = oracle_masks(frame, models, shape, masks_kind == 'amodal')
             masks = {models[i].name: visible[i] for i in kept}
+            hidden = None if parts is None else {models[i].name: parts[i] for i in kept}
         for estimator in coarse.values():
             estimator.last = None
         started = time.perf_counter()
-        estimates = pipeline.estimate(rgb, frame.K, masks=masks, ignore=unknown)
+        estimates = pipeline.estimate(rgb, frame.K, masks=masks, ignore=unknown, hidden=hidden)
         frame_ms.append(1e3 * (time.perf_counter() - started))
         for i in kept:
             inst, model = frame.instances[i], models[i]

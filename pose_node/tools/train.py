@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from pose_node.coarse import regressor as reg
-from pose_node.crop import cut_crop, mask_box
+from pose_node.crop import Segment, cut_crop, mask_box
 from pose_node.crop import segmenter as seg
 from pose_node.crop.segmenter import SegmentationNet
 from pose_node.datasets.bop import BopDataset, BopFrame
@@ -615,28 +615,39 @@ def evaluate_segmenter(path: Path, frames: list[BopFrame], n_demo: int, seed: in
                        device: torch.device) -> dict[str, list[float]]:
     """Full-resolution mask IoU (segment() thresholded at 0.5 against the true visible mask; 0
     when the object is not found) per object instance of ``frames`` and of ``n_demo`` ray-cast
-    demo frames."""
+    demo frames; with the amodal head also the IoU of the visible mask and hidden part together
+    against the instance's whole silhouette (``held_out_whole_iou``)."""
     segmenter = seg.load_segmenter(path, device)
     names = segmenter.config.object_names
-    held_out = []
+    held_out, whole = [], []
     for frame in tqdm(frames, desc='held-out', unit='img'):
         found = segmenter.segment(load_rgb(frame))
-        masks = frame.load_masks()
+        masks, silhouettes = frame.load_masks(), frame.load_masks(visible=False)
         for obj_id in sorted({inst.obj_id for inst in frame.instances}):
             if obj_id > len(names):
                 continue
-            truth = masks[[inst.obj_id == obj_id for inst in frame.instances]].any(axis=0)
-            held_out.append(found_iou(found, names[obj_id - 1], truth))
+            instances = [inst.obj_id == obj_id for inst in frame.instances]
+            held_out.append(found_iou(found, names[obj_id - 1], masks[instances].any(axis=0)))
+            if segmenter.config.amodal:
+                whole.append(found_iou(found, names[obj_id - 1],
+                                       silhouettes[instances].any(axis=0), with_hidden=True))
     demo = []
     for frame in demo_frames(n_demo, seed):
         found = segmenter.segment(frame.rgb.astype(np.float32) / 255)
         demo.append(found_iou(found, names[0], frame.mask))
-    return {'held_out_iou': held_out, 'demo_iou': demo}
+    return {'held_out_iou': held_out, 'held_out_whole_iou': whole, 'demo_iou': demo}
 
 
-def found_iou(found: dict, name: str, truth: np.ndarray) -> float:
-    """IoU of ``found[name]``'s mask (> 0.5) with ``truth`` (H, W) bool; 0 when not found."""
-    return seg.mask_iou(found[name].mask > 0.5, truth) if name in found else 0.0
+def found_iou(found: dict[str, Segment], name: str, truth: np.ndarray,
+              with_hidden: bool = False) -> float:
+    """IoU of ``found[name]``'s mask (> 0.5), with its hidden part when ``with_hidden``, with
+    ``truth`` (H, W) bool; 0 when not found."""
+    if name not in found:
+        return 0.0
+    mask = found[name].mask > 0.5
+    if with_hidden:
+        mask |= found[name].hidden
+    return seg.mask_iou(mask, truth)
 
 
 def demo_frames(count: int, seed: int) -> list[SyntheticFrame]:
