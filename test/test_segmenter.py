@@ -176,6 +176,10 @@ def test_hidden_part_is_the_silhouette_outside_the_visible_mask_without_thin_rim
     assert hidden[10:30, 20:31].all() and hidden.sum() == 20 * 11 + 2 * 11
     assert not hidden[9, 10:20].any() and not hidden[10:30, 9].any() and not (hidden & visible).any()
     assert not seg.hidden_part(amodal * 0.5, visible).any()
+    widened = seg.hidden_part(amodal, visible, margin_px=2)
+    assert widened[10:30, 31:33].all() and not widened[:, 34:].any()
+    assert (widened >= hidden).all() and not (widened & visible).any()
+    assert not seg.hidden_part(amodal * 0.5, visible, margin_px=2).any()
 
 
 def test_missing_corrupt_or_foreign_weights_name_the_file(tmp_path):

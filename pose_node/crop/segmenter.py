@@ -35,6 +35,12 @@ MIN_SCORE = 0.6
 """Masks whose mean object probability is below this are left out."""
 AMODAL_THRESHOLD = 0.5
 """Pixels whose amodal probability is above this are inside the object's whole silhouette."""
+HIDDEN_MARGIN = 4
+"""The hidden part is widened by this many pixels of the network's input: the amodal head
+completes the coarse shape behind an occluder but misses thin parts (a handle, a cone), and a
+hidden pixel taken for background pulls the pose off, while an unknown one costs little. On 60
+synthetic tuning scenes (640 x 480, 320 px input) with the segmenter's masks, ADD(-S) recall
+50.8 % without widening, 52.5 / 61.0 / 59.3 / 50.8 % widened by 4 / 8 / 12 / 16 image px."""
 HIDDEN_OPENING_PX = 5
 """The hidden part is opened with a square of this side: the thin ring by which the amodal
 silhouette overshoots an unoccluded object's visible edge is not a hidden part (counting it as
@@ -268,7 +274,7 @@ class NetworkSegmenter:
     def segment(self, image: np.ndarray) -> dict[str, Segment]:
         """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
         1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
-        (:func:`hidden_part`). With ``refine_edges`` each mask's edge is moved onto the image's
+        (:func:`hidden_part`, widened by :data:`HIDDEN_MARGIN`). With ``refine_edges`` each mask's edge is moved onto the image's
         colour edges (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at
         ``input_size``, so its edges are a few pixels off), keeping the masks apart. On 60
         synthetic scenes of the demo object (2 occluders per image), median IoU with the true
@@ -290,18 +296,24 @@ class NetworkSegmenter:
         for name, mask in masks.items():
             hidden = None
             if amodal is not None:
-                hidden = hidden_part(amodal[self.config.object_names.index(name)], mask)
+                margin = round(HIDDEN_MARGIN * max(image.shape[:2]) / self.config.input_size)
+                hidden = hidden_part(amodal[self.config.object_names.index(name)], mask, margin)
             segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden)
         return segments
 
 
-def hidden_part(amodal: np.ndarray, visible: np.ndarray) -> np.ndarray:
+def hidden_part(amodal: np.ndarray, visible: np.ndarray, margin_px: int = 0) -> np.ndarray:
     """(H, W) bool: the pixels of an object's whole silhouette, ``amodal`` (H, W) probabilities
     above :data:`AMODAL_THRESHOLD`, outside its ``visible`` (H, W) bool mask, opened with a
-    :data:`HIDDEN_OPENING_PX` square."""
+    :data:`HIDDEN_OPENING_PX` square, then widened by ``margin_px`` (still outside ``visible``).
+    """
     hidden = ((amodal > AMODAL_THRESHOLD) & ~visible).astype(np.uint8)
     kernel = np.ones((HIDDEN_OPENING_PX, HIDDEN_OPENING_PX), np.uint8)
-    return cv2.morphologyEx(hidden, cv2.MORPH_OPEN, kernel).astype(bool)
+    hidden = cv2.morphologyEx(hidden, cv2.MORPH_OPEN, kernel)
+    if margin_px > 0:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1,) * 2)
+        hidden = cv2.dilate(hidden, disc)
+    return hidden.astype(bool) & ~visible
 
 
 def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
