@@ -6,7 +6,8 @@ Data flows one way, per object:
    or the box's GrabCut foreground when the segmenter finds nothing there (or there is none);
    else the ``segmenter``'s mask; an object without a mask is not estimated this frame;
 2. crop: a square around the mask's box (in tracking mode joined with the prior pose's projected
-   box) enlarged by ``crop_scale`` and resampled to ``crop_size``, with its intrinsics; the other
+   box; for the coarse estimator around the mask and the object's hidden part, where known)
+   enlarged by ``crop_scale`` and resampled to ``crop_size``, with its intrinsics; the other
    objects' masks are ignored pixels, so occluders do not drag the pose, and so are the
    ``ignore`` pixels and the hidden parts the segmenter finds (of the objects it segmented, where
    no mask claims them): an occluder no mask names does not cut the object short;
@@ -156,8 +157,8 @@ class Pipeline:
         boxes: per object name without a mask its box (x, y, w, h) in pixels from an upstream
         detector (see the module docstring for the mask it gets). hidden: per object name with a
         mask where it lies hidden (H, W) (an amodal segmenter's whole silhouette outside the
-        visible mask): unknown where no mask claims it, and inside the object's crop; the
-        built-in segmenter's amodal head supplies it for the objects it segments.
+        visible mask): unknown where no mask claims it, and inside the coarse estimator's crop;
+        the built-in segmenter's amodal head supplies it for the objects it segments.
         Objects without a mask, or whose estimate is not a finite pose in front of the camera,
         are left out of the result. Raises ValueError on a malformed image, K, mask, ignore,
         hidden part or box.

@@ -6,8 +6,8 @@ The image is resized so that its longer side is ``input_size`` px (both sides ro
 multiple of the network's stride), the logits are resized back to the image, and per object the
 class probability is its mask (:class:`NetworkSegmenter`, the :class:`pose_node.crop.Segmenter`
 protocol); the amodal head's pixels outside the visible mask are the object's hidden part, which
-the pipeline leaves out of every comparison instead of taking it for background. ``widths`` sets the channels per scale; doubling them scales the same design up for a
-GPU.
+the pipeline leaves out of every comparison instead of taking it for background. ``widths`` sets
+the channels per scale; doubling them scales the same design up for a GPU.
 
 Weight files (:func:`save_weights`, :func:`read_weights`) hold only a state dict and a JSON-able
 config, so they load with ``torch.load(..., weights_only=True)``; the regressor uses the same
@@ -274,11 +274,13 @@ class NetworkSegmenter:
     def segment(self, image: np.ndarray) -> dict[str, Segment]:
         """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
         1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
-        (:func:`hidden_part`, widened by :data:`HIDDEN_MARGIN`). With ``refine_edges`` each mask's edge is moved onto the image's
-        colour edges (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at
-        ``input_size``, so its edges are a few pixels off), keeping the masks apart. On 60
-        synthetic scenes of the demo object (2 occluders per image), median IoU with the true
-        visible mask 0.81 -> 0.85, unoccluded 0.94 -> 0.98, for 40-90 ms per object on a CPU."""
+        (:func:`hidden_part`, widened by :data:`HIDDEN_MARGIN`). With ``refine_edges`` each
+        mask's edge is moved onto the image's colour edges
+        (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at ``input_size``,
+        so its edges are a few pixels off), keeping the masks apart. On 60 synthetic scenes of
+        the demo object (2 occluders per image), the previous demo weights' median IoU with the
+        true visible mask went 0.81 -> 0.85, unoccluded 0.94 -> 0.98, for 40-90 ms per object
+        on a CPU."""
         probabilities, amodal = self.probabilities(image)
         found = object_masks(probabilities, self.config.object_names,
                              self.min_area_fraction, self.min_score)
