@@ -88,6 +88,19 @@ def test_segment_learns_the_amodal_head_and_can_start_from_older_weights(data, t
     assert 0 <= history[0]['val_amodal_iou_median'] <= 1
 
 
+def test_evaluate_measures_visible_and_whole_silhouette_ious(data, tmp_path, capsys):
+    weights = tmp_path / 'seg.pt'
+    assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out',
+                 str(weights), *TINY_SEGMENT) == 0
+    capsys.readouterr()
+    assert train('--task', 'segment', '--data', str(data), '--evaluate', str(weights),
+                 '--demo-frames', '1', '--out', str(tmp_path / 'unused.pt'), '--threads', '1') == 0
+    lines = {line.split(':')[0]: line for line in capsys.readouterr().out.splitlines()}
+    for key in ('held_out_iou', 'held_out_whole_iou', 'demo_iou'):
+        assert lines[key].startswith(f'{key}: n=1 median=')
+        assert 0.0 <= float(lines[key].split('median=')[1].split()[0]) <= 1.0
+
+
 def test_pose_writes_a_regressor_for_the_demo_object(data, tmp_path):
     out = tmp_path / 'reg.pt'
     assert train('--task', 'pose', '--data', str(data), '--epochs', '1', '--out', str(out),
