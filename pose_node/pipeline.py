@@ -179,9 +179,8 @@ class Pipeline:
             for name, found in self.segmenter.segment(image).items():
                 if name in visible:
                     continue
-                visible[name] = found.mask
-                if name in boxed:
-                    visible[name] = found.mask * box_pixels(boxed[name], (height, width))
+                visible[name] = (found.mask * box_pixels(boxed[name], (height, width))
+                                 if name in boxed else found.mask)
                 if found.hidden is not None:
                     hidden[name] = found.hidden
         for name, box in boxed.items():
