@@ -14,9 +14,11 @@ Format::
                                                     # the NN of a mesh named obj_0000NN
         regressor: models/demo_object/regressor.pt  # optional coarse-pose weights
         frame_id: demo_object                       # optional TF child frame (default: name)
-        colour_weight: 0.3                          # optional lambda of the refinement's colour
-                                                    # term (default 0: silhouette only, for
-                                                    # meshes whose colours are not the camera's)
+        colour_weight: 0.3                          # optional weight of colour against the
+                                                    # silhouette, in the template match and as
+                                                    # lambda of the refinement loss (default 0:
+                                                    # silhouette only, for meshes whose colours
+                                                    # are not the camera's)
 
 Paths are absolute, ``package://pose_node/<path>`` or relative to the package share directory
 (:func:`pose_node.resources.share_dir`). Every error names the file and the field.
@@ -47,7 +49,8 @@ class ObjectConfig:
     """One object to look for. mesh, models_info, regressor: absolute paths (models_info and
     regressor may be None); unit_scale: mesh file units to metres; models_info_id: the entry of
     models_info to use; frame_id: TF child frame (without the node's tf_prefix); colour_weight:
-    lambda of the refinement loss's colour term for this mesh (0: silhouette only)."""
+    weight of colour against the silhouette for this mesh, in the template match and as lambda of
+    the refinement loss (0: silhouette only)."""
 
     name: str
     mesh: Path

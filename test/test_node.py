@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+import torch
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy (ROS 2 Python client) is not importable')
 
@@ -31,8 +32,11 @@ from pose_node.ros import outputs  # noqa: E402
 from pose_node.ros.conversions import (camera_to_camera_info_msg, label_msg_to_masks,  # noqa: E402
                                        msg_to_pose, rgb_to_image_msg)
 from pose_node.ros.diagnostics import PROBLEM_MEMORY_S, NodeHealth  # noqa: E402
-from pose_node.ros.node import BadInput, frame_inputs, stage_totals  # noqa: E402
-from pose_node.ros.params import PARAMETERS, SPECS, descriptor, parameters_problem  # noqa: E402
+from pose_node.objects_config import load_object_models, load_objects_config  # noqa: E402
+from pose_node.ros.node import (BadInput, build_pipeline, frame_inputs, objects_file,  # noqa: E402
+                               stage_totals)
+from pose_node.ros.params import (PARAMETERS, SPECS, NodeSettings, descriptor,  # noqa: E402
+                                  parameters_problem)
 from pose_node.ros.stream import (NodeClient, label_image_msg, stamp_header,  # noqa: E402
                                   synthetic_stream, use_large_message_transport)
 from pose_node.ros.sync import FrameInbox, MatchedFrame, nearest  # noqa: E402
@@ -201,6 +205,17 @@ def test_raw_input_is_undistorted_with_opencv_and_rectified_input_uses_p():
     image, camera = inputs.rgb, inputs.camera
     np.testing.assert_allclose(camera.K[:2, :2], 0.9 * K[:2, :2])  # P, not K
     np.testing.assert_array_equal(image, rgb.astype(np.float32) / 255)
+
+
+def test_the_objects_files_colour_weight_reaches_the_template_match_and_the_loss():
+    settings = NodeSettings(**{name: spec.default for name, spec in SPECS.items()})
+    config = load_objects_config(objects_file(settings))
+    pipeline = build_pipeline(settings, config, load_object_models(config), torch.device('cpu'),
+                              log=None)
+    (demo,) = config.objects
+    assert demo.colour_weight == 0.3
+    assert pipeline.coarse[demo.name].colour_weight == demo.colour_weight
+    assert pipeline.config.object_losses[demo.name].colour_weight == demo.colour_weight
 
 
 def test_bad_frames_raise_with_the_input_at_fault():

@@ -181,6 +181,27 @@ def test_an_occluded_object_is_matched_at_its_whole_size_when_its_hidden_part_is
     assert distance_error(untold) > 3 * distance_error(told)
 
 
+def test_colour_tells_apart_views_that_share_a_half_hidden_silhouette(demo, matcher):
+    coloured = TemplateMatcher(matcher.bank, demo.symmetries, FAST, CPU, colour_weight=0.3)
+    scene = RaycastScene([demo])
+    rng = np.random.default_rng(0)
+    errors = {'silhouette': [], 'colour': []}
+    for _ in range(12):
+        R = Rotation.random(random_state=rng).as_matrix()
+        out = scene.render(make_pose(R, np.array([0.0, 0.0, 0.5]))[None], SYNTHETIC_K, 640, 480)
+        whole = out.coverage[0] > 0.5
+        cols = np.nonzero(whole.any(axis=0))[0]
+        hidden = whole & (np.arange(640) >= np.median(cols))[None, :]
+        visible = (whole & ~hidden).astype(np.float32)
+        crop = cut_crop(out.rgb * visible[..., None], SYNTHETIC_K, mask_box(whole), 128,
+                        mask=visible, others=hidden, hidden=hidden)
+        for kind, estimator in (('silhouette', matcher), ('colour', coloured)):
+            errors[kind].append(degrees(estimator.hypotheses(crop, top_k=1).R[0], R))
+    within = {kind: int(np.sum(np.array(e) < 25.0)) for kind, e in errors.items()}
+    assert within['colour'] >= 11
+    assert within['colour'] > within['silhouette']
+
+
 def test_random_poses_land_within_the_template_spacing(demo, matcher):
     # Neighbouring templates of FAST are up to one roll step (20 deg) apart.
     step = 360.0 / FAST.inplane

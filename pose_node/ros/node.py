@@ -103,7 +103,8 @@ def build_pipeline(settings: NodeSettings, config: ObjectsConfig, models: list,
                                        obj.regressor)
         else:
             from pose_node.coarse.templates import TemplateMatcher
-            coarse[obj.name] = TemplateMatcher.from_model(model, device=device)
+            coarse[obj.name] = TemplateMatcher.from_model(model, device=device,
+                                                          colour_weight=obj.colour_weight)
     iterations = {'iterations': settings.iterations} if settings.iterations else {}
     pipeline_config = PipelineConfig(crop_size=settings.crop_size,
                                      hypotheses=settings.hypotheses,

@@ -71,7 +71,9 @@ def register(subparsers) -> None:
     parser.add_argument('--hypotheses', type=int, default=PipelineConfig.hypotheses,
                         help='coarse hypotheses refined')
     parser.add_argument('--colour-weight', type=float, default=None,
-                        help='colour term of the refinement loss (default: the loss default)')
+                        help='weight of colour against the silhouette in the template match and the '
+                             'refinement loss, for all objects (default: the objects file\'s '
+                             'colour_weight, else 0)')
     parser.add_argument('--dataset', type=Path, default=None,
                         help='BOP-format dataset folder (default: LM-O, ../shared/data/lmo)')
     parser.add_argument('--objects', type=Path, default=None,
@@ -239,13 +241,16 @@ def make_coarse(args: argparse.Namespace, objects: DatasetObjects,
         return {m.name: RecordingEstimator(
             load_regressor(regressor_path(args, objects, m.name), m, device)) for m in models}
     from pose_node.coarse.templates import TemplateMatcher
+    losses = object_losses(args, objects)
     return {m.name: RecordingEstimator(TemplateMatcher.from_model(
-        m, cache_dir=args.template_cache, device=device)) for m in models}
+        m, cache_dir=args.template_cache, device=device,
+        colour_weight=losses.get(m.name, LossConfig()).colour_weight)) for m in models}
 
 
 def object_losses(args: argparse.Namespace, objects: DatasetObjects) -> dict[str, LossConfig]:
-    """Per object name its refinement loss: --colour-weight for all when given, else the
-    objects file's colour weights (objects it does not set keep the loss default)."""
+    """Per object name its refinement loss, whose colour weight the template match shares:
+    --colour-weight for all when given, else the objects file's colour weights (objects it does
+    not set keep the loss default)."""
     if args.colour_weight is not None:
         return {m.name: LossConfig(colour_weight=args.colour_weight)
                 for m in objects.models.values()}
