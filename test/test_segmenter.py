@@ -183,6 +183,63 @@ def test_hidden_part_is_the_silhouette_outside_the_visible_mask_without_thin_rim
     assert not seg.hidden_part(amodal * 0.5, visible, margin_px=2).any()
 
 
+def constant_net(config: seg.SegmenterConfig, logits: list[float]) -> seg.SegmentationNet:
+    """A network of ``config`` whose logits are ``logits`` (classes, then amodal) at every
+    pixel."""
+    net = seg.make_segmentation_net(config)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor(logits))
+    return net
+
+
+def test_crop_stage_replaces_the_first_stage_inside_the_enlarged_square_of_its_box():
+    config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))
+    crop_config = seg.SegmenterConfig(('a',), input_size=32, widths=(4, 8))
+    segmenter = seg.NetworkSegmenter(
+        constant_net(config, [0.0, 0.0, 0.0]), config, torch.device('cpu'), refine_edges=False,
+        crop_stage=seg.CropStage(constant_net(crop_config, [0.0, 12.0, 12.0]), crop_config))
+    visible = np.zeros((60, 80), bool)
+    visible[20:30, 30:50] = True
+    whole = visible.copy()
+    whole[20:30, 50:60] = True
+    first = np.stack([1.0 - 0.9 * visible, 0.9 * visible]).astype(np.float32)
+    segmenter.probabilities = lambda image: (first.copy(), whole[None].astype(np.float32))
+
+    found = segmenter.segment(np.zeros((60, 80, 3), np.float32))
+
+    # Box of the visible mask and hidden part: x 29.5..59.5, y 19.5..29.5; its square, 1.4 x 30
+    # = 42 px wide around (44.5, 24.5), holds the pixel centres of columns 24..65, rows 4..45.
+    assert seg.CROP_STAGE_SCALE == 1.4
+    expected = np.zeros((60, 80), bool)
+    expected[4:46, 24:66] = True
+    np.testing.assert_array_equal(found['a'].mask > 0.5, expected)
+    assert found['a'].score > 0.99
+    assert not found['a'].hidden.any()     # the crop stage's whole silhouette is its mask
+
+
+def test_two_stage_weights_load_both_stages_from_one_file(tmp_path):
+    torch.manual_seed(4)
+    config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))
+    crop_config = seg.SegmenterConfig(('a',), input_size=32, widths=(4, 8, 8))
+    first, crop = seg.make_segmentation_net(config), seg.make_segmentation_net(crop_config)
+    path = tmp_path / 'two_stage.pt'
+    seg.save_weights(path, 'segmenter', *seg.two_stage_weights(
+        config.to_dict(), first.state_dict(), crop_config.to_dict(), crop.state_dict()))
+    loaded = seg.load_segmenter(path, torch.device('cpu'))
+    assert loaded.config == config and loaded.crop_stage.config == crop_config
+    for net, original in ((loaded.net, first), (loaded.crop_stage.net, crop)):
+        for key, value in original.state_dict().items():
+            torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
+    broken = tmp_path / 'broken_crop_stage.pt'
+    values, state = seg.two_stage_weights(config.to_dict(), first.state_dict(),
+                                          crop_config.to_dict() | {'widths': [4, 8]},
+                                          crop.state_dict())
+    seg.save_weights(broken, 'segmenter', values, state)
+    with pytest.raises(ValueError, match='broken_crop_stage.pt'):
+        seg.load_segmenter(broken, torch.device('cpu'))
+
+
 def test_missing_corrupt_or_foreign_weights_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match='absent.pt'):
         seg.load_segmenter(tmp_path / 'absent.pt', torch.device('cpu'))

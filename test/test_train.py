@@ -88,6 +88,29 @@ def test_segment_learns_the_amodal_head_and_can_start_from_older_weights(data, t
     assert 0 <= history[0]['val_amodal_iou_median'] <= 1
 
 
+def test_crop_stage_trains_on_object_crops_and_carries_the_first_stage(data, tmp_path, capsys):
+    first = data.parent / 'first.pt'
+    out = tmp_path / 'two_stage.pt'
+    assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out', str(out),
+                 '--crop-stage', '32', '--init', str(first), *TINY_SEGMENT) == 0
+    printed = capsys.readouterr().out
+    # One crop per sufficiently visible instance of the 4 train images, 4 jittered each.
+    samples = int(printed.split('train segment: ')[1].split(' train')[0])
+    assert samples % 4 == 0 and 4 <= samples <= 16
+    segmenter = load_segmenter(out, torch.device('cpu'))
+    assert segmenter.crop_stage.config.input_size == 32
+    assert segmenter.config == load_segmenter(first, torch.device('cpu')).config
+    saved = torch.load(out, weights_only=True)['state_dict']
+    for key, value in torch.load(first, weights_only=True)['state_dict'].items():
+        assert torch.equal(saved[key], value), key
+    assert any(not torch.equal(saved[f'crop_stage.{key}'], value)
+               for key, value in torch.load(first, weights_only=True)['state_dict'].items())
+
+    assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out',
+                 str(tmp_path / 'no_init.pt'), '--crop-stage', '32', *TINY_SEGMENT) == 1
+    assert '--crop-stage needs --init' in capsys.readouterr().err
+
+
 def test_evaluate_measures_visible_and_whole_silhouette_ious(data, tmp_path, capsys):
     weights = tmp_path / 'seg.pt'
     assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out',

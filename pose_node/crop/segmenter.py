@@ -9,6 +9,13 @@ protocol); the amodal head's pixels outside the visible mask are the object's hi
 the pipeline leaves out of every comparison instead of taking it for background. ``widths`` sets
 the channels per scale; doubling them scales the same design up for a GPU.
 
+An optional crop stage (Mask R-CNN's second look, at the object's own scale) runs a second
+network of the same design on a square crop around each object the first stage found (its
+visible mask and hidden part, enlarged by :data:`CROP_STAGE_SCALE`), resampled to the crop
+stage's ``input_size``; its probabilities replace the first stage's inside that square. The
+whole image seen at 320 px shows a 100 px object at half its resolution, where an occluder of
+the object's own colour is hard to tell from it.
+
 Weight files (:func:`save_weights`, :func:`read_weights`) hold only a state dict and a JSON-able
 config, so they load with ``torch.load(..., weights_only=True)``; the regressor uses the same
 format. Images are (H, W, 3) float32 RGB 0..1.
@@ -25,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pose_node.crop import Segment, refine_mask_edges
+from pose_node.camera import crop_image, crop_transform, square_box_around
+from pose_node.crop import Segment, box_pixels, mask_box, refine_mask_edges
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
 """Pixel normalisation inside the networks: 0..1 RGB becomes roughly zero-mean, unit-spread."""
@@ -46,6 +54,12 @@ HIDDEN_OPENING_PX = 5
 """The hidden part is opened with a square of this side: the thin ring by which the amodal
 silhouette overshoots an unoccluded object's visible edge is not a hidden part (counting it as
 unknown would loosen the edge the refinement aligns to)."""
+CROP_STAGE_SCALE = 1.4
+"""The crop stage's square is the first stage's object box (visible mask and hidden part)
+enlarged by this: room for a box that the first stage drew too small, and context."""
+CROP_STAGE_KEY = 'crop_stage'
+"""Weight files of a two-stage segmenter hold the crop stage's config under this key of the
+config and its tensors under this prefix (plus a dot) in the state dict."""
 KEEP_COMPONENT_FRACTION = 0.2
 """Connected parts of a mask smaller than this fraction of its largest part are dropped: an
 object occurs once, so small far-away blobs are false positives (an occluder may still split
@@ -245,15 +259,27 @@ def object_masks(probabilities: np.ndarray, names: tuple[str, ...],
     return found
 
 
+@dataclass(frozen=True)
+class CropStage:
+    """The second look of a two-stage segmenter: ``net`` sees square crops of
+    ``config.input_size`` px around each object the first stage found."""
+
+    net: SegmentationNet
+    config: SegmenterConfig
+
+
 class NetworkSegmenter:
-    """:class:`pose_node.crop.Segmenter` backed by a :class:`SegmentationNet` on ``device``."""
+    """:class:`pose_node.crop.Segmenter` backed by a :class:`SegmentationNet` on ``device``,
+    optionally followed by a :class:`CropStage`."""
 
     def __init__(self, net: SegmentationNet, config: SegmenterConfig, device: torch.device,
                  min_area_fraction: float = MIN_AREA_FRACTION, min_score: float = MIN_SCORE,
-                 refine_edges: bool = True):
+                 refine_edges: bool = True, crop_stage: CropStage | None = None):
         self.net = net.to(device).eval()
         self.config = config
         self.device = device
+        self.crop_stage = None if crop_stage is None else \
+            CropStage(crop_stage.net.to(device).eval(), crop_stage.config)
         self.min_area_fraction = min_area_fraction
         self.min_score = min_score
         self.refine_edges = refine_edges
@@ -285,6 +311,14 @@ class NetworkSegmenter:
         probabilities, amodal = self.probabilities(image)
         found = object_masks(probabilities, self.config.object_names,
                              self.min_area_fraction, self.min_score)
+        if self.crop_stage is not None and found:
+            for name, (mask, _score) in found.items():
+                whole = mask > 0.5
+                if amodal is not None:
+                    whole |= amodal[self.config.object_names.index(name)] > AMODAL_THRESHOLD
+                self.look_again(image, mask_box(whole), probabilities, amodal)
+            found = object_masks(probabilities, self.config.object_names,
+                                 self.min_area_fraction, self.min_score)
         masks = {name: mask > 0.5 for name, (mask, _score) in found.items()}
         if self.refine_edges:
             refined = {}
@@ -303,6 +337,33 @@ class NetworkSegmenter:
                 hidden = hidden_part(amodal[self.config.object_names.index(name)], mask, margin)
             segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden)
         return segments
+
+
+    @torch.no_grad()
+    def look_again(self, image: np.ndarray, box: np.ndarray, probabilities: np.ndarray,
+                   amodal: np.ndarray | None) -> None:
+        """Replace, in place, ``probabilities`` (1 + n_objects, H, W) and ``amodal``
+        (n_objects, H, W) (or None) of ``image`` (H, W, 3) inside the square around ``box``
+        (x, y, w, h) enlarged by :data:`CROP_STAGE_SCALE` by the crop stage's."""
+        height, width = image.shape[:2]
+        size = self.crop_stage.config.input_size
+        square = square_box_around(box, CROP_STAGE_SCALE)
+        crop = crop_image(np.asarray(image, np.float32), square, (size, size))
+        logits = self.crop_stage.net(torch.from_numpy(crop).permute(2, 0, 1)[None]
+                                     .to(self.device))[0].float()
+        n_classes = self.crop_stage.net.n_classes
+        crop_values = torch.cat([torch.softmax(logits[:n_classes], dim=0),
+                                 torch.sigmoid(logits[n_classes:])]).cpu().numpy()
+        inside = box_pixels(square, (height, width))
+        to_crop = crop_transform(square, (size, size))
+        for channel, values in enumerate(crop_values):
+            back = cv2.warpAffine(values, to_crop, (width, height),
+                                  flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE)
+            if channel < n_classes:
+                probabilities[channel][inside] = back[inside]
+            elif amodal is not None:
+                amodal[channel - n_classes][inside] = back[inside]
 
 
 def hidden_part(amodal: np.ndarray, visible: np.ndarray, margin_px: int = 0) -> np.ndarray:
@@ -325,13 +386,30 @@ def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
     FileNotFoundError / ValueError naming the file when it is missing, corrupt or not a
     segmenter."""
     values, state_dict = read_weights(path, 'segmenter')
-    try:
-        config = SegmenterConfig.from_dict(values)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f'{path}: bad segmenter config {values} ({error})') from error
-    net = make_segmentation_net(config)
-    load_state_checked(net, state_dict, path)
-    return NetworkSegmenter(net, config, device)
+    prefix = CROP_STAGE_KEY + '.'
+    stages = []
+    for stage_values, stage_state in (
+            (values, {k: v for k, v in state_dict.items() if not k.startswith(prefix)}),
+            (values.get(CROP_STAGE_KEY), {k[len(prefix):]: v for k, v in state_dict.items()
+                                          if k.startswith(prefix)})):
+        if stage_values is None:
+            break
+        try:
+            config = SegmenterConfig.from_dict(stage_values)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f'{path}: bad segmenter config {stage_values} ({error})') from error
+        net = make_segmentation_net(config)
+        load_state_checked(net, stage_state, path)
+        stages.append((net, config))
+    (net, config), crop_stage = stages[0], (CropStage(*stages[1]) if len(stages) > 1 else None)
+    return NetworkSegmenter(net, config, device, crop_stage=crop_stage)
+
+
+def two_stage_weights(first_config: dict, first_state: dict, crop_config: dict,
+                      crop_state: dict) -> tuple[dict, dict]:
+    """(config, state dict) of a two-stage segmenter's weight file from its stages'."""
+    return (first_config | {CROP_STAGE_KEY: crop_config},
+            first_state | {f'{CROP_STAGE_KEY}.{key}': value for key, value in crop_state.items()})
 
 
 # ---------------------------------------------------------------------------------- training

@@ -8,6 +8,11 @@ held out). When ``DIR/train`` is missing it is generated first with the synth mo
 order of ``--objects`` (an objects file, config/objects.yaml format; default: the demo object),
 as this command generates them.
 
+``--task segment --crop-stage SIZE --init FIRST`` trains the segmenter's crop stage instead (see
+:mod:`pose_node.crop.segmenter`): on squares of SIZE px cut as the segmenter cuts them, around
+each instance's whole silhouette with its box jittered as the first stage's boxes err, starting
+from the tensors of ``FIRST`` (a whole-image segmenter); the file written holds both stages.
+
 Training: AdamW, cosine learning rate over ``--epochs`` or the ``--minutes`` budget (whichever
 ends first sets the progress), a tqdm bar, and after each epoch: validation, a checkpoint
 (``--checkpoint``: model, optimizer, epoch, history; resumable with ``--resume``), the weights
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from pose_node.camera import crop_image, square_box_around
 from pose_node.coarse import regressor as reg
 from pose_node.crop import Segment, cut_crop, mask_box
 from pose_node.crop import segmenter as seg
@@ -62,6 +69,14 @@ MIN_TRAIN_VISIB, MIN_VAL_VISIB = 0.3, 0.5
 """Regressor instances less visible than this are left out of training / validation."""
 CROPS_PER_INSTANCE = 6
 """Jittered crops cut once per training instance (the images are not kept in memory)."""
+STAGE_CROPS_PER_INSTANCE = 4
+"""The same for the segmenter's crop stage."""
+STAGE_BOX_SCALE_RANGE = (0.75, 1.3)
+STAGE_BOX_SHIFT = 0.15
+"""Crop-stage training boxes: the whole silhouette's box scaled log-uniformly in this range and
+shifted by up to this fraction of its longer side per axis, as the first stage's boxes err."""
+MIN_STAGE_VISIB = 0.1
+"""Instances less visible than this give no crop-stage sample (nor are they evaluated)."""
 WEIGHT_DECAY = 1e-4
 
 
@@ -90,6 +105,10 @@ def register(subparsers) -> None:
     parser.add_argument('--input-size', type=int, default=320,
                         help='segment: longer image side the network sees, px')
     parser.add_argument('--crop-size', type=int, default=64, help='pose: crop side, px')
+    parser.add_argument('--crop-stage', type=int, default=0, metavar='SIZE',
+                        help="segment: train the segmenter's crop stage on squares of SIZE px "
+                             'around each object instead of the first stage on whole images; '
+                             '--init names the first stage, which the written file carries too')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads per process')
     parser.add_argument('--loader-workers', type=int, default=0)
@@ -192,13 +211,15 @@ class Augmented(Dataset):
 class SegmentationImages(Augmented):
     """Images (N, h, w, 3) uint8, label images (N, h, w) uint8 and whole silhouettes
     (N, n_objects, h, w) uint8 0/1 at the network's size; items (image (3, h', w') float32 0..1,
-    labels (h', w') int64, silhouettes (n_objects, h', w') float32), with random scale, shift
-    and colour gain in windows of :data:`TRAIN_WINDOW` when augmenting."""
+    labels (h', w') int64, silhouettes (n_objects, h', w') float32), with colour gain when
+    augmenting, and random scale and shift in windows of :data:`TRAIN_WINDOW` too unless
+    ``reframe`` is false (crops already jittered)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, silhouettes: np.ndarray,
-                 seed: int, augment: bool):
+                 seed: int, augment: bool, reframe: bool = True):
         super().__init__(seed, augment)
         self.images, self.labels, self.silhouettes = images, labels, silhouettes
+        self.reframe = reframe
 
     def __len__(self) -> int:
         return len(self.images)
@@ -208,7 +229,8 @@ class SegmentationImages(Augmented):
         silhouettes = self.silhouettes[index].transpose(1, 2, 0)
         rng = self.rng(index)
         if rng is not None:
-            image, labels, silhouettes = random_window(image, labels, silhouettes, rng)
+            if self.reframe:
+                image, labels, silhouettes = random_window(image, labels, silhouettes, rng)
             image = color_jitter(image.astype(np.float32) / 255, rng)
         else:
             image = image.astype(np.float32) / 255
@@ -261,6 +283,52 @@ def segmentation_arrays(frames: list[BopFrame], config: seg.SegmenterConfig, str
         silhouettes.append(np.stack([cv2.resize(m, (size[1], size[0]),
                                                 interpolation=cv2.INTER_NEAREST)
                                      for m in whole]))
+    return np.stack(images), np.stack(labels), np.stack(silhouettes)
+
+
+def stage_crop_arrays(frames: list[BopFrame], n_objects: int, size: int,
+                      crops_per_instance: int, seed: int | None, desc: str
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of :func:`segmentation_arrays` for the segmenter's crop stage: per instance of
+    a known object at least :data:`MIN_STAGE_VISIB` visible, squares of ``size`` px around its
+    whole silhouette's box enlarged by ``seg.CROP_STAGE_SCALE`` as the segmenter cuts them;
+    ``crops_per_instance`` jittered ones (:data:`STAGE_BOX_SCALE_RANGE`,
+    :data:`STAGE_BOX_SHIFT`) when ``seed`` is given, else one exact one."""
+    images, labels, silhouettes = [], [], []
+    out = (size, size)
+    for frame_index, frame in enumerate(tqdm(frames, desc=desc, unit='img')):
+        classes = np.array([inst.obj_id for inst in frame.instances])
+        known = classes <= n_objects
+        wanted = [i for i, inst in enumerate(frame.instances)
+                  if known[i] and (inst.visib_fract or 0) >= MIN_STAGE_VISIB]
+        if not wanted:
+            continue
+        rgb = frame.load_rgb()
+        whole_masks = frame.load_masks(visible=False)
+        label = seg.label_image(frame.load_masks()[known], classes[known]).astype(np.uint8)
+        whole = np.zeros(label.shape + (n_objects,), np.uint8)
+        for obj_id, mask in zip(classes[known], whole_masks[known]):
+            whole[..., obj_id - 1] |= mask
+        for index in wanted:
+            box = mask_box(whole_masks[index])
+            for copy in range(crops_per_instance if seed is not None else 1):
+                jittered = box
+                if seed is not None:
+                    rng = np.random.default_rng(
+                        np.random.SeedSequence([seed, frame_index, index, copy]))
+                    side = box[2:].max()
+                    scale = np.exp(rng.uniform(*np.log(STAGE_BOX_SCALE_RANGE)))
+                    centre = box[:2] + box[2:] / 2 + rng.uniform(-1, 1, 2) * STAGE_BOX_SHIFT * side
+                    jittered = np.concatenate([centre - scale * box[2:] / 2, scale * box[2:]])
+                square = square_box_around(jittered, seg.CROP_STAGE_SCALE)
+                images.append(np.round(crop_image(rgb.astype(np.float32), square, out))
+                              .clip(0, 255).astype(np.uint8))
+                labels.append(crop_image(label, square, out, cv2.INTER_NEAREST,
+                                         antialias=False))
+                silhouettes.append(np.stack([crop_image(np.ascontiguousarray(whole[..., i]),
+                                                        square, out, cv2.INTER_NEAREST,
+                                                        antialias=False)
+                                             for i in range(n_objects)]))
     return np.stack(images), np.stack(labels), np.stack(silhouettes)
 
 
@@ -332,20 +400,40 @@ class Task:
     loss: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]
     validate: Callable[[nn.Module], dict[str, float]]
     primary: str
+    packed: Callable[[dict, dict], tuple[dict, dict]] = lambda config, state: (config, state)
+    """(config, state dict) of the weights file from the network's."""
 
 
 def segment_task(args: argparse.Namespace, objects: Objects, device: torch.device) -> Task:
-    config = seg.SegmenterConfig(objects.names, args.input_size,
+    config = seg.SegmenterConfig(objects.names, args.crop_stage or args.input_size,
                                  seg.widths_for(args.width or 16))
     net = seg.make_segmentation_net(config)
+    packed = Task.packed
     if args.init is not None:
-        fresh = seg.warm_start(net, seg.read_weights(args.init, 'segmenter')[1])
+        init_config, init_state = seg.read_weights(args.init, 'segmenter')
+        fresh = seg.warm_start(net, init_state)
         print(f'train: started from {args.init}; fresh tensors: {", ".join(fresh) or "none"}')
+        if args.crop_stage:
+            first = {key: value for key, value in init_state.items()
+                     if not key.startswith(seg.CROP_STAGE_KEY + '.')}
+            first_config = {key: value for key, value in init_config.items()
+                            if key != seg.CROP_STAGE_KEY}
+            packed = lambda config_, state: seg.two_stage_weights(first_config, first, config_,
+                                                                  state)
     train_frames, val_frames = split_frames(args.data)
-    train_set = SegmentationImages(*segmentation_arrays(train_frames, config, net.stride,
-                                                        'load train'), args.seed, augment=True)
-    val_set = SegmentationImages(*segmentation_arrays(val_frames, config, net.stride,
-                                                      'load val'), args.seed, augment=False)
+    if args.crop_stage:
+        n = len(objects.names)
+        train_set = SegmentationImages(
+            *stage_crop_arrays(train_frames, n, args.crop_stage, STAGE_CROPS_PER_INSTANCE,
+                               args.seed, 'crop train'), args.seed, augment=True, reframe=False)
+        val_set = SegmentationImages(
+            *stage_crop_arrays(val_frames, n, args.crop_stage, 1, None, 'crop val'), args.seed,
+            augment=False)
+    else:
+        train_set = SegmentationImages(*segmentation_arrays(train_frames, config, net.stride,
+                                                            'load train'), args.seed, augment=True)
+        val_set = SegmentationImages(*segmentation_arrays(val_frames, config, net.stride,
+                                                          'load val'), args.seed, augment=False)
 
     def loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         images, labels, silhouettes = (b.to(device) for b in batch)
@@ -358,7 +446,7 @@ def segment_task(args: argparse.Namespace, objects: Objects, device: torch.devic
                 'val_amodal_iou_median': float(np.median(amodal_ious)) if amodal_ious else 0.0}
 
     return Task('segmenter', net, config.to_dict(), train_set, val_set, loss, validate,
-                'val_iou_median')
+                'val_iou_median', packed)
 
 
 @torch.no_grad()
@@ -558,7 +646,7 @@ def train(task: Task, args: argparse.Namespace, process: Process) -> list[dict]:
             print(f'epoch {epoch + 1}: ' + ' '.join(f'{k}={v:.4g}' for k, v in
                                                     history[-1].items() if k != 'epoch'))
             save_checkpoint(args.checkpoint, task, optimizer, epoch + 1, history)
-            seg.save_weights(args.out, task.kind, task.config, net.state_dict())
+            seg.save_weights(args.out, task.kind, *task.packed(task.config, net.state_dict()))
             write_curves(args.curves, history, ['train_loss', task.primary])
         if process.world > 1:
             dist.barrier()
@@ -746,6 +834,10 @@ def run(args: argparse.Namespace) -> int:
     args.checkpoint = args.checkpoint or args.out.with_suffix('.ckpt')
     args.curves = args.curves or args.out.with_name(args.out.stem + '_curves.png')
     args.batch_size = args.batch_size or (8 if args.task == 'segment' else 64)
+    if args.task == 'segment' and args.crop_stage and args.init is None \
+            and args.evaluate is None:
+        print('train: --crop-stage needs --init, the first stage it follows', file=sys.stderr)
+        return 1
     objects = load_objects(args.objects)
     if args.evaluate is not None:
         evaluate(args, objects, torch.device(args.device))
