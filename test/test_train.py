@@ -106,6 +106,14 @@ def test_crop_stage_trains_on_object_crops_and_carries_the_first_stage(data, tmp
     assert any(not torch.equal(saved[f'crop_stage.{key}'], value)
                for key, value in torch.load(first, weights_only=True)['state_dict'].items())
 
+    continued = tmp_path / 'continued.pt'
+    assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out',
+                 str(continued), '--crop-stage', '32', '--init', str(out), '--lr', '1e-12',
+                 *TINY_SEGMENT) == 0
+    again = torch.load(continued, weights_only=True)['state_dict']
+    for key, value in saved.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
+
     assert train('--task', 'segment', '--data', str(data), '--epochs', '1', '--out',
                  str(tmp_path / 'no_init.pt'), '--crop-stage', '32', *TINY_SEGMENT) == 1
     assert '--crop-stage needs --init' in capsys.readouterr().err

@@ -385,15 +385,8 @@ def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
 
     FileNotFoundError / ValueError naming the file when it is missing, corrupt or not a
     segmenter."""
-    values, state_dict = read_weights(path, 'segmenter')
-    prefix = CROP_STAGE_KEY + '.'
     stages = []
-    for stage_values, stage_state in (
-            (values, {k: v for k, v in state_dict.items() if not k.startswith(prefix)}),
-            (values.get(CROP_STAGE_KEY), {k[len(prefix):]: v for k, v in state_dict.items()
-                                          if k.startswith(prefix)})):
-        if stage_values is None:
-            break
+    for stage_values, stage_state in stage_weights(*read_weights(path, 'segmenter')):
         try:
             config = SegmenterConfig.from_dict(stage_values)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -403,6 +396,19 @@ def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
         stages.append((net, config))
     (net, config), crop_stage = stages[0], (CropStage(*stages[1]) if len(stages) > 1 else None)
     return NetworkSegmenter(net, config, device, crop_stage=crop_stage)
+
+
+def stage_weights(config: dict, state_dict: dict) -> list[tuple[dict, dict]]:
+    """(config, state dict) per stage of a segmenter weights file's ``config`` and
+    ``state_dict``: the first stage's, then the crop stage's where the file has one."""
+    prefix = CROP_STAGE_KEY + '.'
+    stages = [({key: value for key, value in config.items() if key != CROP_STAGE_KEY},
+               {key: value for key, value in state_dict.items() if not key.startswith(prefix)})]
+    if CROP_STAGE_KEY in config:
+        stages.append((config[CROP_STAGE_KEY],
+                       {key[len(prefix):]: value for key, value in state_dict.items()
+                        if key.startswith(prefix)}))
+    return stages
 
 
 def two_stage_weights(first_config: dict, first_state: dict, crop_config: dict,

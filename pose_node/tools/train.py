@@ -108,7 +108,8 @@ def register(subparsers) -> None:
     parser.add_argument('--crop-stage', type=int, default=0, metavar='SIZE',
                         help="segment: train the segmenter's crop stage on squares of SIZE px "
                              'around each object instead of the first stage on whole images; '
-                             '--init names the first stage, which the written file carries too')
+                             '--init names the first stage, which the written file carries too (a '
+                             "two-stage file's crop stage is continued)")
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads per process')
     parser.add_argument('--loader-workers', type=int, default=0)
@@ -410,14 +411,12 @@ def segment_task(args: argparse.Namespace, objects: Objects, device: torch.devic
     net = seg.make_segmentation_net(config)
     packed = Task.packed
     if args.init is not None:
-        init_config, init_state = seg.read_weights(args.init, 'segmenter')
-        fresh = seg.warm_start(net, init_state)
+        stages = seg.stage_weights(*seg.read_weights(args.init, 'segmenter'))
+        # A crop stage continues the init file's crop stage where it has one.
+        fresh = seg.warm_start(net, stages[-1 if args.crop_stage else 0][1])
         print(f'train: started from {args.init}; fresh tensors: {", ".join(fresh) or "none"}')
         if args.crop_stage:
-            first = {key: value for key, value in init_state.items()
-                     if not key.startswith(seg.CROP_STAGE_KEY + '.')}
-            first_config = {key: value for key, value in init_config.items()
-                            if key != seg.CROP_STAGE_KEY}
+            first_config, first = stages[0]
             packed = lambda config_, state: seg.two_stage_weights(first_config, first, config_,
                                                                   state)
     train_frames, val_frames = split_frames(args.data)
