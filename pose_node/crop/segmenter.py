@@ -339,7 +339,6 @@ class NetworkSegmenter:
             segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden)
         return segments
 
-
     @torch.no_grad()
     def look_again(self, image: np.ndarray, box: np.ndarray, probabilities: np.ndarray,
                    amodal: np.ndarray | None) -> None:

@@ -76,7 +76,7 @@ STAGE_BOX_SHIFT = 0.15
 """Crop-stage training boxes: the whole silhouette's box scaled log-uniformly in this range and
 shifted by up to this fraction of its longer side per axis, as the first stage's boxes err."""
 MIN_STAGE_VISIB = 0.1
-"""Instances less visible than this give no crop-stage sample (nor are they evaluated)."""
+"""Instances less visible than this give no crop-stage sample (``eval-lmo`` leaves them out too)."""
 WEIGHT_DECAY = 1e-4
 
 
