@@ -200,12 +200,15 @@ class RegressionSample:
     K: np.ndarray
 
 
-def jittered_box(box: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(x, y, w, h) ``box`` moved and resized at random (:data:`BOX_SHIFT`,
-    :data:`BOX_LOG_SCALE`), its centre kept as the reference of the move."""
+def jittered_box(box: np.ndarray, rng: np.random.Generator, shift: float = BOX_SHIFT,
+                 scale_range: tuple[float, float] = (np.exp(-BOX_LOG_SCALE), np.exp(BOX_LOG_SCALE))
+                 ) -> np.ndarray:
+    """(x, y, w, h) ``box`` moved and resized at random, its centre kept as the reference of the
+    move: the centre by up to ``shift`` times its larger side per axis, the size times a factor
+    log-uniform in ``scale_range`` (default: :data:`BOX_SHIFT`, :data:`BOX_LOG_SCALE`)."""
     side = max(box[2], box[3])
-    centre = box[:2] + 0.5 * box[2:] + rng.uniform(-BOX_SHIFT, BOX_SHIFT, 2) * side
-    size = box[2:] * np.exp(rng.uniform(-BOX_LOG_SCALE, BOX_LOG_SCALE))
+    centre = box[:2] + 0.5 * box[2:] + rng.uniform(-shift, shift, 2) * side
+    size = box[2:] * np.exp(rng.uniform(*np.log(scale_range)))
     return np.concatenate([centre - 0.5 * size, size])
 
 

@@ -317,10 +317,7 @@ def stage_crop_arrays(frames: list[BopFrame], n_objects: int, size: int,
                 if seed is not None:
                     rng = np.random.default_rng(
                         np.random.SeedSequence([seed, frame_index, index, copy]))
-                    side = box[2:].max()
-                    scale = np.exp(rng.uniform(*np.log(STAGE_BOX_SCALE_RANGE)))
-                    centre = box[:2] + box[2:] / 2 + rng.uniform(-1, 1, 2) * STAGE_BOX_SHIFT * side
-                    jittered = np.concatenate([centre - scale * box[2:] / 2, scale * box[2:]])
+                    jittered = reg.jittered_box(box, rng, STAGE_BOX_SHIFT, STAGE_BOX_SCALE_RANGE)
                 square = square_box_around(jittered, seg.CROP_STAGE_SCALE)
                 images.append(np.round(crop_image(rgb.astype(np.float32), square, out))
                               .clip(0, 255).astype(np.uint8))
