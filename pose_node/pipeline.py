@@ -9,8 +9,9 @@ Data flows one way, per object:
    box; for the coarse estimator around the mask and the object's hidden part, where known)
    enlarged by ``crop_scale`` and resampled to ``crop_size``, with its intrinsics; the other
    objects' masks are ignored pixels, so occluders do not drag the pose, and so are the
-   ``ignore`` pixels and the hidden parts the segmenter finds (of the objects it segmented, where
-   no mask claims them): an occluder no mask names does not cut the object short;
+   ``ignore`` pixels and the hidden parts the segmenter finds, with the unsure bands around them
+   (of the objects it segmented, where no mask claims them): an occluder no mask names does not
+   cut the object short;
 3. hypotheses: the prior pose when one is given (tracking: detection is skipped), else the coarse
    estimator's top ``hypotheses``;
 4. refinement: render-and-compare of all hypotheses of all objects that share an optimizer
@@ -158,7 +159,8 @@ class Pipeline:
         detector (see the module docstring for the mask it gets). hidden: per object name with a
         mask where it lies hidden (H, W) (an amodal segmenter's whole silhouette outside the
         visible mask): unknown where no mask claims it, and inside the coarse estimator's crop;
-        the built-in segmenter's amodal head supplies it for the objects it segments.
+        the built-in segmenter's amodal head supplies it for the objects it segments, with a band
+        around it that is unknown but outside the coarse estimator's crop (``Segment.unsure``).
         Objects without a mask, or whose estimate is not a finite pose in front of the camera,
         are left out of the result. Raises ValueError on a malformed image, K, mask, ignore,
         hidden part or box.
@@ -175,6 +177,7 @@ class Pipeline:
                  if name in self.models and name not in visible}
         hidden = {name: checked_mask(part, (height, width), f'hidden part of {name}') > 0.5
                   for name, part in (hidden or {}).items() if name in visible}
+        unsure = {}
         if self.segmenter is not None and set(visible) != set(self.models):
             for name, found in self.segmenter.segment(image).items():
                 if name in visible:
@@ -183,6 +186,8 @@ class Pipeline:
                                  if name in boxed else found.mask)
                 if found.hidden is not None:
                     hidden[name] = found.hidden
+                if found.unsure is not None:
+                    unsure[name] = found.unsure
         for name, box in boxed.items():
             if np.count_nonzero(visible.get(name, 0) > 0.5) < self.config.min_mask_pixels:
                 visible[name] = box_foreground(image, box).astype(np.float32)
@@ -192,7 +197,7 @@ class Pipeline:
         claims = np.zeros((height, width), np.int32)
         for mask in visible.values():
             claims += mask > 0.5
-        for part in hidden.values():
+        for part in [*hidden.values(), *unsure.values()]:
             unknown |= part & (claims == 0)
         starts = {}
         for name, mask in visible.items():

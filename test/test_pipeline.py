@@ -2,6 +2,7 @@
 a coarse estimator, and the input checks."""
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -141,6 +142,50 @@ def test_a_segmenters_hidden_part_is_unknown_where_no_mask_claims_it(model, fram
     with pytest.raises(ValueError, match='hidden part'):
         Pipeline([model], torch.device('cpu'), coarse=coarse).estimate(
             occluded, SYNTHETIC_K, masks={model.name: visible}, hidden={model.name: hidden[1:]})
+
+
+class RecordingCoarse(PerturbedTruth):
+    """PerturbedTruth that keeps the crops it was given."""
+
+    def __init__(self, pose: np.ndarray, degrees: float):
+        super().__init__(pose, degrees)
+        self.crops = []
+
+    def hypotheses(self, crop, top_k):
+        self.crops.append(crop)
+        return super().hypotheses(crop, top_k)
+
+
+def test_a_segmenters_unsure_band_is_unknown_but_not_part_of_the_coarse_crop(model, frame):
+    image, mask, pose = frame
+    truth = mask > 0.5
+    cols = np.nonzero(truth.any(axis=0))[0]
+    band = np.zeros_like(truth)
+    band[:, int(np.percentile(cols, 60)):] = True
+    occluded = np.where(band[..., None], 0.5, image).astype(np.float32)
+    visible, hidden = truth & ~band, truth & band
+    ring = cv2.dilate(hidden.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) \
+        & ~hidden & ~visible
+
+    def estimated(segment: Segment):
+        coarse = RecordingCoarse(pose, 12.0)
+        estimate = Pipeline([model], torch.device('cpu'), segmenter=GivenSegments(
+            {model.name: segment}), coarse={model.name: coarse}).estimate(
+            occluded, SYNTHETIC_K)[model.name]
+        return estimate, coarse.crops[0]
+
+    with_band, crop = estimated(Segment(visible.astype(np.float32), 0.9, hidden, ring))
+    without_band, plain_crop = estimated(Segment(visible.astype(np.float32), 0.9, hidden))
+    _, widened_crop = estimated(Segment(visible.astype(np.float32), 0.9, hidden | ring))
+    np.testing.assert_allclose(crop.box, plain_crop.box)
+    assert widened_crop.box[2] > crop.box[2] + 10
+    assert crop.ignore.sum() > plain_crop.ignore.sum()
+    # The band is left out of the refinement as an ignored region given with the masks is.
+    given = Pipeline([model], torch.device('cpu'), coarse={model.name: PerturbedTruth(pose, 12.0)}
+                     ).estimate(occluded, SYNTHETIC_K, masks={model.name: visible},
+                                hidden={model.name: hidden}, ignore=ring)[model.name]
+    np.testing.assert_allclose(with_band.pose, given.pose, atol=1e-9)
+    assert not np.allclose(with_band.pose, without_band.pose, atol=1e-9)
 
 
 def test_a_box_without_mask_is_segmented_by_grabcut_and_refined(model, frame):

@@ -218,6 +218,28 @@ def test_crop_stage_replaces_the_first_stage_inside_the_enlarged_square_of_its_b
     assert not found['a'].hidden.any()     # the crop stage's whole silhouette is its mask
 
 
+def test_segments_carry_the_hidden_part_and_an_unsure_band_of_the_margin_around_it():
+    config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))
+    segmenter = seg.NetworkSegmenter(constant_net(config, [0.0, 0.0, 0.0]), config,
+                                     torch.device('cpu'), refine_edges=False)
+    visible = np.zeros((60, 80), bool)
+    visible[20:40, 20:40] = True
+    whole = visible.copy()
+    whole[20:40, 40:55] = True
+    first = np.stack([1.0 - 0.9 * visible, 0.9 * visible]).astype(np.float32)
+    segmenter.probabilities = lambda image: (first.copy(), whole[None].astype(np.float32))
+
+    found = segmenter.segment(np.zeros((60, 80, 3), np.float32))['a']
+
+    np.testing.assert_array_equal(found.hidden, whole & ~visible)
+    margin = round(seg.HIDDEN_MARGIN * 80 / 64)
+    assert margin == 5
+    np.testing.assert_array_equal(
+        found.unsure, seg.hidden_part(whole.astype(np.float32), visible, margin) & ~found.hidden)
+    assert found.unsure[20:40, 55:60].all() and not found.unsure[:, 61:].any()
+    assert not (found.unsure & (visible | found.hidden)).any()
+
+
 def test_two_stage_weights_load_both_stages_from_one_file(tmp_path):
     torch.manual_seed(4)
     config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))

@@ -44,13 +44,15 @@ MIN_SCORE = 0.6
 AMODAL_THRESHOLD = 0.5
 """Pixels whose amodal probability is above this are inside the object's whole silhouette."""
 HIDDEN_MARGIN = 4
-"""The hidden part is widened by this many pixels of the network's input: the amodal head
-completes the coarse shape behind an occluder but misses thin parts (a handle, a cone), and a
-hidden pixel taken for background pulls the pose off, while an unknown one costs little. On 60
-synthetic tuning scenes (640 x 480, 320 px input) with the segmenter's masks, ADD(-S) recall
-50.8 % without widening, 52.5 / 61.0 / 59.3 / 50.8 % widened by 4 / 8 / 12 / 16 image px; with
-colour in the template search, on 197 other tuning scenes, 82.7 % at 2 network px, 83.8 % at 4;
-with the crop stage too, 90.4 % at 2, 91.9 % at 4."""
+"""The band of this many pixels of the network's input around the hidden part is unsure: the
+amodal head completes the coarse shape behind an occluder but misses thin parts (a handle, a
+cone), and a hidden pixel taken for background pulls the pose off, while an unknown one costs
+little. On 60 synthetic tuning scenes (640 x 480, 320 px input) with the segmenter's masks,
+ADD(-S) recall 50.8 % without the band, 52.5 / 61.0 / 59.3 / 50.8 % with 4 / 8 / 12 / 16 image
+px; with colour in the template search, on 197 other tuning scenes, 82.7 % at 2 network px,
+83.8 % at 4; with the crop stage too, 90.4 % at 2, 91.9 % at 4. Counted in the object's extent
+as well (until stop 17) the band made the template search's scale too large: 91.9 % against
+92.9 % when only unknown."""
 HIDDEN_OPENING_PX = 5
 """The hidden part is opened with a square of this side: the thin ring by which the amodal
 silhouette overshoots an unoccluded object's visible edge is not a hidden part (counting it as
@@ -302,8 +304,8 @@ class NetworkSegmenter:
     def segment(self, image: np.ndarray) -> dict[str, Segment]:
         """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
         1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
-        (:func:`hidden_part`, widened by :data:`HIDDEN_MARGIN`). With ``refine_edges`` each
-        mask's edge is moved onto the image's colour edges
+        (:func:`hidden_part`) and the unsure band of :data:`HIDDEN_MARGIN` around it. With
+        ``refine_edges`` each mask's edge is moved onto the image's colour edges
         (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at ``input_size``,
         so its edges are a few pixels off), keeping the masks apart. On 60 synthetic scenes of
         the demo object (2 occluders per image), the previous demo weights' median IoU with the
@@ -331,12 +333,14 @@ class NetworkSegmenter:
                 refined[name] = edges
             masks = refined
         segments = {}
+        margin = round(HIDDEN_MARGIN * max(image.shape[:2]) / self.config.input_size)
         for name, mask in masks.items():
-            hidden = None
+            hidden = unsure = None
             if amodal is not None:
-                margin = round(HIDDEN_MARGIN * max(image.shape[:2]) / self.config.input_size)
-                hidden = hidden_part(amodal[self.config.object_names.index(name)], mask, margin)
-            segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden)
+                whole = amodal[self.config.object_names.index(name)]
+                hidden = hidden_part(whole, mask)
+                unsure = hidden_part(whole, mask, margin) & ~hidden
+            segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden, unsure)
         return segments
 
     @torch.no_grad()
