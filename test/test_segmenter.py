@@ -250,6 +250,11 @@ def test_two_stage_weights_load_both_stages_from_one_file(tmp_path):
         config.to_dict(), first.state_dict(), crop_config.to_dict(), crop.state_dict()))
     loaded = seg.load_segmenter(path, torch.device('cpu'))
     assert loaded.config == config and loaded.crop_stage.config == crop_config
+    # GrabCut edges by default only for one-stage segmenters; either can be asked for.
+    assert not loaded.refine_edges
+    assert seg.NetworkSegmenter(first, config, torch.device('cpu')).refine_edges
+    assert seg.NetworkSegmenter(first, config, torch.device('cpu'), refine_edges=True,
+                                crop_stage=loaded.crop_stage).refine_edges
     for net, original in ((loaded.net, first), (loaded.crop_stage.net, crop)):
         for key, value in original.state_dict().items():
             torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)

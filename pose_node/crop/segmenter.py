@@ -273,11 +273,19 @@ class CropStage:
 
 class NetworkSegmenter:
     """:class:`pose_node.crop.Segmenter` backed by a :class:`SegmentationNet` on ``device``,
-    optionally followed by a :class:`CropStage`."""
+    optionally followed by a :class:`CropStage`.
+
+    refine_edges: whether GrabCut moves the masks' edges onto the image's colour edges (see
+    :meth:`segment`); None (the default): only without a crop stage. The crop stage sees the
+    object at full resolution, and GrabCut then costs more than it gives: near occluders of the
+    object's colours it moves the edge the wrong way. On the 197 synthetic tuning scenes with the
+    two-stage demo segmenter, ADD(-S) recall 92.9 % with GrabCut, 93.9 % without (92.4 % against
+    91.9 % at stop 17), 92.9 % with GrabCut kept off the occlusion edges; on unoccluded demo
+    frames GrabCut still helps (median IoU 0.990 -> 1.0)."""
 
     def __init__(self, net: SegmentationNet, config: SegmenterConfig, device: torch.device,
                  min_area_fraction: float = MIN_AREA_FRACTION, min_score: float = MIN_SCORE,
-                 refine_edges: bool = True, crop_stage: CropStage | None = None):
+                 refine_edges: bool | None = None, crop_stage: CropStage | None = None):
         self.net = net.to(device).eval()
         self.config = config
         self.device = device
@@ -285,7 +293,7 @@ class NetworkSegmenter:
             CropStage(crop_stage.net.to(device).eval(), crop_stage.config)
         self.min_area_fraction = min_area_fraction
         self.min_score = min_score
-        self.refine_edges = refine_edges
+        self.refine_edges = crop_stage is None if refine_edges is None else refine_edges
 
     @torch.no_grad()
     def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
