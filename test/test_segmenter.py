@@ -193,6 +193,14 @@ def constant_net(config: seg.SegmenterConfig, logits: list[float]) -> seg.Segmen
     return net
 
 
+def give_first_stage(segmenter: seg.NetworkSegmenter, visible: np.ndarray, whole: np.ndarray
+                     ) -> None:
+    """Make ``segmenter``'s first stage see object 'a' with probability 0.9 on ``visible``
+    (H, W) bool and its whole silhouette on ``whole`` (H, W) bool, in any image."""
+    first = np.stack([1.0 - 0.9 * visible, 0.9 * visible]).astype(np.float32)
+    segmenter.probabilities = lambda image: (first.copy(), whole[None].astype(np.float32))
+
+
 def test_crop_stage_replaces_the_first_stage_inside_the_enlarged_square_of_its_box():
     config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))
     crop_config = seg.SegmenterConfig(('a',), input_size=32, widths=(4, 8))
@@ -203,8 +211,7 @@ def test_crop_stage_replaces_the_first_stage_inside_the_enlarged_square_of_its_b
     visible[20:30, 30:50] = True
     whole = visible.copy()
     whole[20:30, 50:60] = True
-    first = np.stack([1.0 - 0.9 * visible, 0.9 * visible]).astype(np.float32)
-    segmenter.probabilities = lambda image: (first.copy(), whole[None].astype(np.float32))
+    give_first_stage(segmenter, visible, whole)
 
     found = segmenter.segment(np.zeros((60, 80, 3), np.float32))
 
@@ -226,8 +233,7 @@ def test_segments_carry_the_hidden_part_and_an_unsure_band_of_the_margin_around_
     visible[20:40, 20:40] = True
     whole = visible.copy()
     whole[20:40, 40:55] = True
-    first = np.stack([1.0 - 0.9 * visible, 0.9 * visible]).astype(np.float32)
-    segmenter.probabilities = lambda image: (first.copy(), whole[None].astype(np.float32))
+    give_first_stage(segmenter, visible, whole)
 
     found = segmenter.segment(np.zeros((60, 80, 3), np.float32))['a']
 
