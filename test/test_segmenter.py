@@ -177,10 +177,10 @@ def test_hidden_part_is_the_silhouette_outside_the_visible_mask_without_thin_rim
     assert not hidden[9, 10:20].any() and not hidden[10:30, 9].any()
     assert not (hidden & visible).any()
     assert not seg.hidden_part(amodal * 0.5, visible).any()
-    widened = seg.hidden_part(amodal, visible, margin_px=2)
+    widened = hidden | seg.unsure_band(hidden, visible, 2)
     assert widened[10:30, 31:33].all() and not widened[:, 34:].any()
     assert (widened >= hidden).all() and not (widened & visible).any()
-    assert not seg.hidden_part(amodal * 0.5, visible, margin_px=2).any()
+    assert not seg.unsure_band(seg.hidden_part(amodal * 0.5, visible), visible, 2).any()
 
 
 def constant_net(config: seg.SegmenterConfig, logits: list[float]) -> seg.SegmentationNet:
@@ -241,7 +241,7 @@ def test_segments_carry_the_hidden_part_and_an_unsure_band_of_the_margin_around_
     margin = round(seg.HIDDEN_MARGIN * 80 / 64)
     assert margin == 5
     np.testing.assert_array_equal(
-        found.unsure, seg.hidden_part(whole.astype(np.float32), visible, margin) & ~found.hidden)
+        found.unsure, seg.unsure_band(found.hidden, visible, margin))
     assert found.unsure[20:40, 55:60].all() and not found.unsure[:, 61:].any()
     assert not (found.unsure & (visible | found.hidden)).any()
 

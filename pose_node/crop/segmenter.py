@@ -313,7 +313,8 @@ class NetworkSegmenter:
     def segment(self, image: np.ndarray) -> dict[str, Segment]:
         """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
         1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
-        (:func:`hidden_part`) and the unsure band of :data:`HIDDEN_MARGIN` around it. With
+        (:func:`hidden_part`) and the unsure band of :data:`HIDDEN_MARGIN` around it
+        (:func:`unsure_band`). With
         ``refine_edges`` each mask's edge is moved onto the image's colour edges
         (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at ``input_size``,
         so its edges are a few pixels off), keeping the masks apart. On 60 synthetic scenes of
@@ -346,9 +347,8 @@ class NetworkSegmenter:
         for name, mask in masks.items():
             hidden = unsure = None
             if amodal is not None:
-                whole = amodal[self.config.object_names.index(name)]
-                hidden = hidden_part(whole, mask)
-                unsure = hidden_part(whole, mask, margin) & ~hidden
+                hidden = hidden_part(amodal[self.config.object_names.index(name)], mask)
+                unsure = unsure_band(hidden, mask, margin)
             segments[name] = Segment(mask.astype(np.float32), found[name][1], hidden, unsure)
         return segments
 
@@ -379,18 +379,20 @@ class NetworkSegmenter:
                 amodal[channel - n_classes][inside] = back[inside]
 
 
-def hidden_part(amodal: np.ndarray, visible: np.ndarray, margin_px: int = 0) -> np.ndarray:
+def hidden_part(amodal: np.ndarray, visible: np.ndarray) -> np.ndarray:
     """(H, W) bool: the pixels of an object's whole silhouette, ``amodal`` (H, W) probabilities
     above :data:`AMODAL_THRESHOLD`, outside its ``visible`` (H, W) bool mask, opened with a
-    :data:`HIDDEN_OPENING_PX` square, then widened by ``margin_px`` (still outside ``visible``).
-    """
+    :data:`HIDDEN_OPENING_PX` square."""
     hidden = ((amodal > AMODAL_THRESHOLD) & ~visible).astype(np.uint8)
     kernel = np.ones((HIDDEN_OPENING_PX, HIDDEN_OPENING_PX), np.uint8)
-    hidden = cv2.morphologyEx(hidden, cv2.MORPH_OPEN, kernel)
-    if margin_px > 0:
-        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1,) * 2)
-        hidden = cv2.dilate(hidden, disc)
-    return hidden.astype(bool) & ~visible
+    return cv2.morphologyEx(hidden, cv2.MORPH_OPEN, kernel).astype(bool)
+
+
+def unsure_band(hidden: np.ndarray, visible: np.ndarray, margin_px: int) -> np.ndarray:
+    """(H, W) bool: the pixels within ``margin_px`` (a disc) of an object's ``hidden`` part
+    (H, W) bool, outside it and outside its ``visible`` (H, W) bool mask."""
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1,) * 2)
+    return cv2.dilate(hidden.astype(np.uint8), disc).astype(bool) & ~hidden & ~visible
 
 
 def load_segmenter(path: str | Path, device: torch.device) -> NetworkSegmenter:
