@@ -225,7 +225,7 @@ def test_crop_stage_replaces_the_first_stage_inside_the_enlarged_square_of_its_b
     assert not found['a'].hidden.any()     # the crop stage's whole silhouette is its mask
 
 
-def test_segments_carry_the_hidden_part_and_an_unsure_band_of_the_margin_around_it():
+def test_segments_carry_the_hidden_part_and_unsure_band_and_occluder_around_it():
     config = seg.SegmenterConfig(('a',), input_size=64, widths=(4, 8))
     segmenter = seg.NetworkSegmenter(constant_net(config, [0.0, 0.0, 0.0]), config,
                                      torch.device('cpu'), refine_edges=False)
@@ -234,16 +234,24 @@ def test_segments_carry_the_hidden_part_and_an_unsure_band_of_the_margin_around_
     whole = visible.copy()
     whole[20:40, 40:55] = True
     give_first_stage(segmenter, visible, whole)
+    # Grey background, a red object, and a blue occluder in front of its right part that reaches
+    # well past the hidden part the amodal head found (a thin part it missed lies there).
+    image = np.random.default_rng(2).normal(0.5, 0.02, (60, 80, 3)).astype(np.float32)
+    image[visible] = (0.8, 0.1, 0.1)
+    image[14:46, 40:] = (0.1, 0.2, 0.8)
 
-    found = segmenter.segment(np.zeros((60, 80, 3), np.float32))['a']
+    found = segmenter.segment(image)['a']
 
     np.testing.assert_array_equal(found.hidden, whole & ~visible)
-    margin = round(seg.HIDDEN_MARGIN * 80 / 64)
-    assert margin == 5
-    np.testing.assert_array_equal(
-        found.unsure, seg.unsure_band(found.hidden, visible, margin))
-    assert found.unsure[20:40, 55:60].all() and not found.unsure[:, 61:].any()
+    margin, reach = (round(value * 80 / 64) for value in (seg.HIDDEN_MARGIN, seg.OCCLUDER_REACH))
+    assert (margin, reach) == (5, 10)
+    band = seg.unsure_band(found.hidden, visible, margin)
+    assert (found.unsure >= band).all()
+    assert found.unsure[20:40, 55:65].all()      # the occluder within reach of the hidden part
+    assert not found.unsure[:, 66:].any()        # the occluder out of reach
+    assert not found.unsure[:14].any() and not found.unsure[47:].any()   # background in reach
     assert not (found.unsure & (visible | found.hidden)).any()
+    assert not seg.occluder_region(image, visible, np.zeros_like(visible), reach).any()
 
 
 def test_two_stage_weights_load_both_stages_from_one_file(tmp_path):

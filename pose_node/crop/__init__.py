@@ -101,6 +101,9 @@ fraction of the box's size."""
 GRABCUT_ITERATIONS = 4
 EDGE_BAND_PX = 6
 """Half width of the band around a mask's edge that :func:`refine_mask_edges` may move."""
+OCCLUDER_CORE_ERODE_PX = 5
+""":func:`occluder_region` takes the hidden part eroded by a square of this side as surely the
+occluder's."""
 
 
 def box_pixels(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -167,6 +170,30 @@ def refine_mask_edges(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     seeds[mask] = cv2.GC_PR_FGD
     seeds[cv2.erode(as_bytes, kernel) > 0] = cv2.GC_FGD
     return _grabcut(image, box, seeds)
+
+
+def occluder_region(image: np.ndarray, visible: np.ndarray, hidden: np.ndarray,
+                    reach_px: int) -> np.ndarray:
+    """(H, W) bool: the occluder in front of an object's ``hidden`` part (H, W) bool, within
+    ``reach_px`` (a disc) of it, outside the object's ``visible`` (H, W) bool mask and its hidden
+    part. GrabCut learns the occluder's colours from the hidden part (whatever lies there is in
+    front of the object) and the object's from its visible mask, and grows the hidden part over
+    the pixels of the occluder's colours. An amodal segmenter misses thin parts behind an
+    occluder with confidence; they lie in the occluder, so the pixels found are unknown rather
+    than background. Empty when ``hidden`` is."""
+    if not hidden.any():
+        return np.zeros_like(hidden)
+    hidden_bytes = hidden.astype(np.uint8)
+    seeds = np.full(hidden.shape, cv2.GC_PR_BGD, np.uint8)
+    seeds[hidden] = cv2.GC_PR_FGD
+    # The hidden part's edge is as rough as the amodal head's, its inside is the occluder's.
+    seeds[cv2.erode(hidden_bytes, np.ones((OCCLUDER_CORE_ERODE_PX,) * 2, np.uint8)) > 0] = \
+        cv2.GC_FGD
+    seeds[visible] = cv2.GC_BGD
+    reach = np.array([-reach_px, -reach_px, 2 * reach_px, 2 * reach_px])
+    occluder = _grabcut(image, mask_box(hidden | visible) + reach, seeds)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach_px + 1,) * 2)
+    return occluder & (cv2.dilate(hidden_bytes, disc) > 0) & ~hidden & ~visible
 
 
 UNKNOWN_LABEL = -1
