@@ -262,3 +262,43 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(demo, tmp_path):
         rebuilt = cached_bank(demo, settings, tmp_path)
     np.testing.assert_array_equal(rebuilt.masks, built.masks)
     np.testing.assert_array_equal(templates.load_bank(path).rotations, built.rotations)
+
+
+def test_objects_cut_by_the_image_border_are_matched_beyond_it(demo, matcher):
+    coloured = TemplateMatcher(matcher.bank, demo.symmetries, FAST, CPU, colour_weight=0.3)
+    scene = RaycastScene([demo])
+    rng = np.random.default_rng(5)
+    within = {'told': 0, 'untold': 0}
+    for _ in range(8):
+        R = Rotation.random(random_state=rng).as_matrix()
+        # Ray-cast 160 px past the right border, then cut the frame at 640 px: the object's
+        # centre is 20 px inside, so up to about a third of it is outside the image.
+        centre = np.array([0.45, rng.uniform(-0.1, 0.1), 0.9])
+        pose = make_pose(R, centre - R @ matcher.bank.object_centre)
+        out = scene.render(pose[None], SYNTHETIC_K, 800, 480)
+        coverage = out.coverage[0][:, :640]
+        crop = cut_crop(np.ascontiguousarray(out.rgb[:, :640]), SYNTHETIC_K,
+                        mask_box(coverage), 128, mask=coverage)
+        assert templates.truncated_sides(crop.extent, crop.outside).tolist() == \
+            [False, False, True, False]
+        for kind, given in (('told', crop), ('untold', replace(crop, outside=None))):
+            within[kind] += degrees(coloured.hypotheses(given, top_k=1).R[0], R) < 25.0
+    # Measured: 8 and 3 of 8.
+    assert within['told'] >= 7 and within['told'] > within['untold'] + 2, within
+
+
+def test_truncated_sides_are_those_with_outside_pixels_straight_past_the_edge():
+    extent = np.zeros((20, 20), np.float32)
+    extent[5:12, 8:18] = 1.0
+    outside = np.zeros((20, 20), bool)
+    outside[:, 19:] = True       # 2 px right of the extent's right edge (column 17)
+    # The bottom-right corner pixel has outside pixels beside it, not below it.
+    assert templates.truncated_sides(extent, outside).tolist() == [False, False, True, False]
+    outside[13:] = True          # 2 px below the bottom edge (row 11)
+    assert templates.truncated_sides(extent, outside).tolist() == [False, False, True, True]
+    outside[:] = False
+    outside[14:] = True          # 3 px below: too far
+    assert not templates.truncated_sides(extent, outside).any()
+    np.testing.assert_allclose(templates.extend_box(np.array([1.0, 2, 3, 4]),
+                                                    np.array([True, False, True, True]), 2.0),
+                               [-1.0, 2, 7, 6])

@@ -188,14 +188,18 @@ def _rotate_about_principal_point(image: np.ndarray, rotation_2d: np.ndarray,
 
 
 def silhouette_frame(mask: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """The square (x, y, w, h) pixels around ``mask``'s box, the box side over the focal length,
-    and the box centre minus the principal point over the focal length (2,).
-
-    mask (H, W) 0..1; K (3, 3) of the image, fx = fy assumed. Raises ValueError on an empty mask.
-    """
+    """The :func:`box_frame` of ``mask``'s box; mask (H, W) 0..1. Raises ValueError on an empty
+    mask."""
     box = mask_box(mask)
     if box is None:
         raise ValueError('empty mask: nothing to match')
+    return box_frame(box, K)
+
+
+def box_frame(box: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """The square (x, y, w, h) pixels around ``box`` (x, y, w, h), the square's side over the
+    focal length, and the box centre minus the principal point over the focal length (2,).
+    K (3, 3) of the image, fx = fy assumed."""
     square = square_box_around(box)
     focal = float(K[0, 0])
     centre = box[:2] + 0.5 * box[2:]
@@ -234,6 +238,42 @@ def colour_correlation(template_colours: torch.Tensor, template_masks: torch.Ten
     return covariance / (template_var * observed_var).sqrt().clamp_min(1e-9)
 
 
+TRUNCATION_EXTENSIONS = (0.15, 0.3, 0.45, 0.6)
+"""Where an object's known extent ends at the image's border, it may go on past it (the amodal
+segmenter sees only the image): the template search also tries the extent's box extended past
+each such side by these fractions of its longer side, and keeps per template the frame it
+matches best (pixels outside the image count neither way). On 200 fresh synthetic tuning scenes
+(seed 5000) 47 objects are cut by the border; ADD(-S) recall of those 74 % (35) without, 87 %
+(41) with these extensions, all 90.4 % -> 93.4 %; 0.25 / 0.5 / 1.0 gave 92.9 % (the true
+extension was at most 0.55, median 0.19)."""
+
+
+def truncated_sides(extent: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """(4,) bool: whether the box of ``extent`` (S, S) 0..1 (not empty) ends at ``outside``
+    (S, S) bool pixels on its left, top, right and bottom side: whether some pixel of the extent
+    on that edge of the box has an outside pixel within 2 px straight past it."""
+    inside = extent > 0.5
+    rows, cols = np.nonzero(inside)
+    last = len(inside) - 1
+    sides = []
+    for edge, step, along_rows in ((cols.min(), -1, False), (rows.min(), -1, True),
+                                   (cols.max(), 1, False), (rows.max(), 1, True)):
+        beyond = [int(np.clip(edge + step * k, 0, last)) for k in (1, 2)]
+        if along_rows:
+            sides.append(bool((inside[edge] & outside[beyond].any(axis=0)).any()))
+        else:
+            sides.append(bool((inside[:, edge] & outside[:, beyond].any(axis=1)).any()))
+    return np.array(sides)
+
+
+def extend_box(box: np.ndarray, sides: np.ndarray, length: float) -> np.ndarray:
+    """``box`` (x, y, w, h) moved out by ``length`` pixels on each of ``sides`` (4,) bool (left,
+    top, right, bottom)."""
+    left, top, right, bottom = np.asarray(sides, np.float64) * length
+    x, y, w, h = box
+    return np.array([x - left, y - top, w + left + right, h + top + bottom])
+
+
 def suppress_similar(rotations: np.ndarray, order: np.ndarray, min_angle: float, top_k: int,
                      symmetries: np.ndarray) -> np.ndarray:
     """Indices (<= top_k,) taken from ``order`` (best first), each at least ``min_angle`` radians
@@ -265,15 +305,16 @@ def rotation_onto_ray(direction: np.ndarray) -> np.ndarray:
     return axis_angle_to_matrix(axis / np.linalg.norm(axis) * angle)
 
 
-def hypothesis_poses(bank: TemplateBank, indices: np.ndarray, observed_side: float,
+def hypothesis_poses(bank: TemplateBank, indices: np.ndarray, observed_side: float | np.ndarray,
                      observed_offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rotations (K, 3, 3) and translations (K, 3) metres of templates ``indices`` (K,) seen at an
-    observed box of side ``observed_side`` and centre ``observed_offset`` (2,) from the principal
-    point, both over the focal length."""
+    observed box of side ``observed_side`` (scalar or (K,)) and centre ``observed_offset`` ((2,)
+    or (K, 2)) from the principal point, both over the focal length."""
     distances = bank.distance * bank.box_sides[indices] / observed_side
     # The template's box centre sits off the object centre by an offset that scales with 1/z.
     scale = bank.distance / distances
-    centre_xy = observed_offset[None] - bank.centre_offsets[indices] * scale[:, None]
+    centre_xy = np.broadcast_to(observed_offset, (len(indices), 2)) \
+        - bank.centre_offsets[indices] * scale[:, None]
     rays = np.concatenate([centre_xy, np.ones((len(indices), 1))], axis=1)
     rays /= np.linalg.norm(rays, axis=1, keepdims=True)
     centres = rays * distances[:, None]
@@ -382,13 +423,31 @@ class TemplateMatcher:
         return cls(cached_bank(model, settings, cache_dir), model.symmetries, settings, device,
                    **options)
 
-    def scores(self, crop: Crop) -> tuple[np.ndarray, float, np.ndarray]:
+    def scores(self, crop: Crop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N,) matching scores of every template with ``crop`` (occlusion-aware IoU, plus the
         weighted colour correlation for the ``rerank`` best; -inf for those not re-ranked when
-        colour is used), and the observed box side and centre offset (2,) over the focal length
-        (see :func:`silhouette_frame`) of the crop's known extent: its visible mask and the hidden
-        part where known, so that an occluded object is matched at its whole size."""
-        square, side, offset = silhouette_frame(crop.extent, crop.K)
+        colour is used), and per template the observed box side (N,) and centre offset (N, 2)
+        over the focal length (see :func:`box_frame`) of the frame it was matched in: the box of
+        the crop's known extent (its visible mask and the hidden part where known, so that an
+        occluded object is matched at its whole size), or where that box ends at the image's
+        border, the best of it and its :data:`TRUNCATION_EXTENSIONS`."""
+        box = mask_box(crop.extent)
+        boxes = [box]
+        if crop.outside is not None:
+            sides = truncated_sides(crop.extent, crop.outside)
+            if sides.any():
+                boxes += [extend_box(box, sides, fraction * box[2:].max())
+                          for fraction in TRUNCATION_EXTENSIONS]
+        frames = [box_frame(frame_box, crop.K) for frame_box in boxes]
+        per_frame = np.stack([self.frame_scores(crop, square) for square, _, _ in frames])
+        best = per_frame.argmax(axis=0)
+        sides = np.array([side for _, side, _ in frames])
+        offsets = np.stack([offset for _, _, offset in frames])
+        return per_frame.max(axis=0), sides[best], offsets[best]
+
+    def frame_scores(self, crop: Crop, square: np.ndarray) -> np.ndarray:
+        """(N,) matching scores (see :meth:`scores`) of every template with ``crop`` resampled
+        from ``square`` (x, y, w, h) in crop pixels."""
         size, colour_size = (self.settings.size,) * 2, (self.settings.colour_size,) * 2
         observed = torch.as_tensor(crop_image(crop.mask, square, size).reshape(-1),
                                    device=self.device)
@@ -396,7 +455,7 @@ class TemplateMatcher:
         counted = torch.as_tensor(~ignored.reshape(-1), device=self.device, dtype=torch.float32)
         iou = occlusion_aware_iou(self._masks, observed, counted)
         if self.colour_weight <= 0:
-            return iou.cpu().numpy(), side, offset
+            return iou.cpu().numpy()
         best = torch.topk(iou, min(self.rerank, len(iou))).indices
         visible = crop_image(crop.mask * ~crop.ignore, square, colour_size).reshape(-1)
         colours = crop_image(crop.image, square, colour_size).reshape(-1, 3)
@@ -406,17 +465,17 @@ class TemplateMatcher:
             torch.as_tensor((visible > 0.5).astype(np.float32), device=self.device))
         scores = torch.full_like(iou, -np.inf)
         scores[best] = iou[best] + self.colour_weight * correlation
-        return scores.cpu().numpy(), side, offset
+        return scores.cpu().numpy()
 
     def hypotheses(self, crop: Crop, top_k: int) -> Hypotheses:
         """At most ``top_k`` diverse hypotheses, best first; none when the crop's mask is empty."""
         if mask_box(crop.mask) is None:
             return Hypotheses(R=np.zeros((0, 3, 3)), t=np.zeros((0, 3)), scores=np.zeros(0),
                               source=SOURCE)
-        scores, side, offset = self.scores(crop)
+        scores, sides, offsets = self.scores(crop)
         order = np.argsort(-scores, kind='stable')
         order = order[np.isfinite(scores[order])]
         chosen = suppress_similar(self.bank.rotations, order, self.min_separation, top_k,
                                   self.symmetries)
-        R, t = hypothesis_poses(self.bank, chosen, side, offset)
+        R, t = hypothesis_poses(self.bank, chosen, sides[chosen], offsets[chosen])
         return Hypotheses(R=R, t=t, scores=scores[chosen], source=SOURCE)

@@ -26,7 +26,9 @@ class Crop:
     image (S, S, 3) float32 0..1; mask (S, S) float32 0..1, the object's visible part (zeros when
     unknown); ignore (S, S) bool, pixels left out of every comparison (other objects, outside the
     image); K (3, 3) the crop's intrinsics; box (4,) the crop's square in full-image pixels;
-    hidden (S, S) bool, where the object is known to lie behind something (None: not known).
+    hidden (S, S) bool, where the object is known to lie behind something (None: not known);
+    outside (S, S) bool, the pixels outside the image, where the object may go on (None: not
+    known).
     """
 
     image: np.ndarray
@@ -35,6 +37,7 @@ class Crop:
     K: np.ndarray
     box: np.ndarray
     hidden: np.ndarray | None = None
+    outside: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -83,7 +86,8 @@ def cut_crop(image: np.ndarray, K: np.ndarray, box: np.ndarray, size: int,
     height, width = image.shape[:2]
     square = square_box_around(box, scale)
     out = (size, size)
-    ignore = crop_image(np.ones((height, width), np.float32), square, out) < 0.5
+    outside = crop_image(np.ones((height, width), np.float32), square, out) < 0.5
+    ignore = outside.copy()
     if others is not None:
         ignore |= crop_image(np.asarray(others, np.float32), square, out) > 0.5
     crop_mask = (np.zeros(out, np.float32) if mask is None
@@ -92,7 +96,7 @@ def cut_crop(image: np.ndarray, K: np.ndarray, box: np.ndarray, size: int,
         crop_image(np.asarray(hidden, np.float32), square, out) > 0.5
     return Crop(image=crop_image(image, square, out), mask=crop_mask, ignore=ignore,
                 K=transform_intrinsics(K, crop_transform(square, out)), box=square,
-                hidden=crop_hidden)
+                hidden=crop_hidden, outside=outside)
 
 
 GRABCUT_MARGIN = 0.25
