@@ -159,8 +159,9 @@ class Pipeline:
         detector (see the module docstring for the mask it gets). hidden: per object name with a
         mask where it lies hidden (H, W) (an amodal segmenter's whole silhouette outside the
         visible mask): unknown where no mask claims it, and inside the coarse estimator's crop;
-        the built-in segmenter's amodal head supplies it for the objects it segments, with a band
-        around it that is unknown but outside the coarse estimator's crop (``Segment.unsure``).
+        the built-in segmenter's amodal head supplies it for the objects it segments, with pixels
+        near it (a band, the occluder) that are unknown but outside the coarse estimator's crop
+        (``Segment.unsure``).
         Objects without a mask, or whose estimate is not a finite pose in front of the camera,
         are left out of the result. Raises ValueError on a malformed image, K, mask, ignore,
         hidden part or box.

@@ -235,9 +235,10 @@ class Segment:
     """One object a segmenter found in an (H, W) image: mask (H, W) float32 0..1, its visible
     part; score 0..1; hidden (H, W) bool, where its whole silhouette lies behind something
     (occluders included that no mask names), or None when the segmenter cannot tell; unsure
-    (H, W) bool or None, a band around the hidden part that may be hidden too (the segmenter
-    places that edge only roughly): left out of comparisons like the hidden part, but not part of
-    the object's extent, which sets the scale of its coarse pose."""
+    (H, W) bool or None, pixels near the hidden part that may be hidden too (the segmenter
+    places that edge only roughly, and misses thin parts behind the occluder): left out of
+    comparisons like the hidden part, but not part of the object's extent, which sets the scale
+    of its coarse pose."""
 
     mask: np.ndarray
     score: float

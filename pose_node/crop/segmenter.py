@@ -324,11 +324,12 @@ class NetworkSegmenter:
     def segment(self, image: np.ndarray) -> dict[str, Segment]:
         """Per object found in ``image`` (H, W, 3) float32 0..1 its :class:`Segment`: mask 0 or
         1 and score as :func:`object_masks` finds them, and with the amodal head the hidden part
-        (:func:`hidden_part`) and the unsure band of :data:`HIDDEN_MARGIN` around it
-        (:func:`unsure_band`). With
-        ``refine_edges`` each mask's edge is moved onto the image's colour edges
-        (:func:`pose_node.crop.refine_mask_edges`; the network sees the image at ``input_size``,
-        so its edges are a few pixels off), keeping the masks apart. On 60 synthetic scenes of
+        (:func:`hidden_part`), and as unsure the band of :data:`HIDDEN_MARGIN` around it
+        (:func:`unsure_band`) and the occluder within :data:`OCCLUDER_REACH` of it
+        (:func:`pose_node.crop.occluder_region`). With ``refine_edges`` each mask's edge is
+        moved onto the image's colour edges (:func:`pose_node.crop.refine_mask_edges`; the
+        network sees the image at ``input_size``, so its edges are a few pixels off), keeping
+        the masks apart. On 60 synthetic scenes of
         the demo object (2 occluders per image), the previous demo weights' median IoU with the
         true visible mask went 0.81 -> 0.85, unoccluded 0.94 -> 0.98, for 40-90 ms per object
         on a CPU."""
