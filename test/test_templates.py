@@ -10,7 +10,7 @@ from pose_node.coarse import templates
 from pose_node.coarse.templates import TemplateMatcher, TemplateSettings, cached_bank, \
     hypothesis_poses, occlusion_aware_iou, rotation_onto_ray, settings_key, suppress_similar, \
     view_rotations
-from pose_node.crop import Crop, cut_crop, mask_box
+from pose_node.crop import Crop, cut_crop, extend_box, mask_box
 from pose_node.datasets.refine_cases import SYNTHETIC_K, synthetic_cases
 from pose_node.geometry import make_pose
 from pose_node.metrics import rotation_error
@@ -299,6 +299,6 @@ def test_truncated_sides_are_those_with_outside_pixels_straight_past_the_edge():
     outside[:] = False
     outside[14:] = True          # 3 px below: too far
     assert not templates.truncated_sides(extent, outside).any()
-    np.testing.assert_allclose(templates.extend_box(np.array([1.0, 2, 3, 4]),
-                                                    np.array([True, False, True, True]), 2.0),
+    np.testing.assert_allclose(extend_box(np.array([1.0, 2, 3, 4]),
+                                          np.array([True, False, True, True]), 2.0),
                                [-1.0, 2, 7, 6])

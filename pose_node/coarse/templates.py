@@ -43,7 +43,7 @@ import trimesh
 
 from pose_node.camera import crop_image, square_box_around
 from pose_node.coarse import Hypotheses
-from pose_node.crop import Crop, mask_box
+from pose_node.crop import Crop, extend_box, mask_box
 from pose_node.geometry import axis_angle_to_matrix
 from pose_node.mesh import ObjectModel
 from pose_node.render.raycast import RaycastScene
@@ -256,22 +256,13 @@ def truncated_sides(extent: np.ndarray, outside: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(inside)
     last = len(inside) - 1
     sides = []
-    for edge, step, along_rows in ((cols.min(), -1, False), (rows.min(), -1, True),
-                                   (cols.max(), 1, False), (rows.max(), 1, True)):
+    for plane, beyond_plane, edge, step in ((inside.T, outside.T, cols.min(), -1),
+                                            (inside, outside, rows.min(), -1),
+                                            (inside.T, outside.T, cols.max(), 1),
+                                            (inside, outside, rows.max(), 1)):
         beyond = [int(np.clip(edge + step * k, 0, last)) for k in (1, 2)]
-        if along_rows:
-            sides.append(bool((inside[edge] & outside[beyond].any(axis=0)).any()))
-        else:
-            sides.append(bool((inside[:, edge] & outside[:, beyond].any(axis=1)).any()))
+        sides.append(bool((plane[edge] & beyond_plane[beyond].any(axis=0)).any()))
     return np.array(sides)
-
-
-def extend_box(box: np.ndarray, sides: np.ndarray, length: float) -> np.ndarray:
-    """``box`` (x, y, w, h) moved out by ``length`` pixels on each of ``sides`` (4,) bool (left,
-    top, right, bottom)."""
-    left, top, right, bottom = np.asarray(sides, np.float64) * length
-    x, y, w, h = box
-    return np.array([x - left, y - top, w + left + right, h + top + bottom])
 
 
 def suppress_similar(rotations: np.ndarray, order: np.ndarray, min_angle: float, top_k: int,
@@ -431,10 +422,13 @@ class TemplateMatcher:
         the crop's known extent (its visible mask and the hidden part where known, so that an
         occluded object is matched at its whole size), or where that box ends at the image's
         border, the best of it and its :data:`TRUNCATION_EXTENSIONS`."""
-        box = mask_box(crop.extent)
+        extent = crop.extent
+        box = mask_box(extent)
+        if box is None:
+            raise ValueError('empty mask: nothing to match')
         boxes = [box]
         if crop.outside is not None:
-            sides = truncated_sides(crop.extent, crop.outside)
+            sides = truncated_sides(extent, crop.outside)
             if sides.any():
                 boxes += [extend_box(box, sides, fraction * box[2:].max())
                           for fraction in TRUNCATION_EXTENSIONS]

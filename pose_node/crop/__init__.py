@@ -66,6 +66,14 @@ def projected_box(model: ObjectModel, pose: np.ndarray, K: np.ndarray) -> np.nda
     return np.concatenate([low, high - low])
 
 
+def extend_box(box: np.ndarray, sides: np.ndarray, length: float) -> np.ndarray:
+    """``box`` (x, y, w, h) moved out by ``length`` pixels on each of ``sides`` (4,) bool (left,
+    top, right, bottom)."""
+    left, top, right, bottom = np.asarray(sides, np.float64) * length
+    x, y, w, h = box
+    return np.array([x - left, y - top, w + left + right, h + top + bottom])
+
+
 def union_box(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The smallest box (x, y, w, h) holding boxes ``a`` and ``b``."""
     low = np.minimum(a[:2], b[:2])
@@ -194,8 +202,8 @@ def occluder_region(image: np.ndarray, visible: np.ndarray, hidden: np.ndarray,
     seeds[cv2.erode(hidden_bytes, np.ones((OCCLUDER_CORE_ERODE_PX,) * 2, np.uint8)) > 0] = \
         cv2.GC_FGD
     seeds[visible] = cv2.GC_BGD
-    reach = np.array([-reach_px, -reach_px, 2 * reach_px, 2 * reach_px])
-    occluder = _grabcut(image, mask_box(hidden | visible) + reach, seeds)
+    occluder = _grabcut(image, extend_box(mask_box(hidden | visible), np.ones(4, bool), reach_px),
+                        seeds)
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach_px + 1,) * 2)
     return occluder & (cv2.dilate(hidden_bytes, disc) > 0) & ~hidden & ~visible
 
