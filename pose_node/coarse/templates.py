@@ -247,22 +247,51 @@ matches best (pixels outside the image count neither way). On 200 fresh syntheti
 (41) with these extensions, all 90.4 % -> 93.4 %; 0.25 / 0.5 / 1.0 gave 92.9 % (the true
 extension was at most 0.55, median 0.19)."""
 
+OCCLUSION_EXTENSIONS = (0.1, 0.2, 0.3)
+"""The same where the extent ends at ignored pixels inside the image (an occluder, or the unsure
+pixels around a hidden part): the amodal segmenter's hidden part often stops short of the whole
+silhouette (thin parts behind an occluder), so the search also tries the box extended past such
+sides, by less than past the border (the hidden part covers most of what is hidden). Tuned on
+the 200 fresh synthetic scenes (seed 5000): 93.4 % -> 94.4 % (2 fixed, none lost); 0.1 / 0.2
+the same; 0.05 / 0.1 / 0.2: 93.4 %; 0.15 / 0.3 / 0.45 / 0.6: 93.9 %; border and occluded sides
+extended together by the border's fractions: 92.4 %."""
 
-def truncated_sides(extent: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """(4,) bool: whether the box of ``extent`` (S, S) 0..1 (not empty) ends at ``outside``
-    (S, S) bool pixels on its left, top, right and bottom side: whether some pixel of the extent
-    on that edge of the box has an outside pixel within 2 px straight past it."""
+
+def sides_ending_at(extent: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """(4,) bool: whether the box of ``extent`` (S, S) 0..1 (not empty) ends at ``pixels``
+    (S, S) bool on its left, top, right and bottom side: whether some pixel of the extent on
+    that edge of the box has one of ``pixels`` within 2 px straight past it."""
     inside = extent > 0.5
     rows, cols = np.nonzero(inside)
     last = len(inside) - 1
     sides = []
-    for plane, beyond_plane, edge, step in ((inside.T, outside.T, cols.min(), -1),
-                                            (inside, outside, rows.min(), -1),
-                                            (inside.T, outside.T, cols.max(), 1),
-                                            (inside, outside, rows.max(), 1)):
+    for plane, beyond_plane, edge, step in ((inside.T, pixels.T, cols.min(), -1),
+                                            (inside, pixels, rows.min(), -1),
+                                            (inside.T, pixels.T, cols.max(), 1),
+                                            (inside, pixels, rows.max(), 1)):
         beyond = [int(np.clip(edge + step * k, 0, last)) for k in (1, 2)]
         sides.append(bool((plane[edge] & beyond_plane[beyond].any(axis=0)).any()))
     return np.array(sides)
+
+
+def extended_boxes(crop: Crop) -> list[np.ndarray]:
+    """The boxes (x, y, w, h) in crop pixels the template search matches ``crop``'s known extent
+    in: its box, that box extended by :data:`TRUNCATION_EXTENSIONS` past the sides
+    where the extent ends at the image's border (``crop.outside``), and by
+    :data:`OCCLUSION_EXTENSIONS` past the other sides where it ends at ignored pixels.
+    ValueError when the extent is empty."""
+    extent = crop.extent
+    box = mask_box(extent)
+    if box is None:
+        raise ValueError('empty mask: nothing to match')
+    longer = box[2:].max()
+    cut = np.zeros(4, bool) if crop.outside is None else sides_ending_at(extent, crop.outside)
+    occluded = sides_ending_at(extent, crop.ignore & ~(extent > 0.5)) & ~cut
+    boxes = [box]
+    for sides, fractions in ((cut, TRUNCATION_EXTENSIONS), (occluded, OCCLUSION_EXTENSIONS)):
+        if sides.any():
+            boxes += [extend_box(box, sides, fraction * longer) for fraction in fractions]
+    return boxes
 
 
 def suppress_similar(rotations: np.ndarray, order: np.ndarray, min_angle: float, top_k: int,
@@ -420,19 +449,9 @@ class TemplateMatcher:
         colour is used), and per template the observed box side (N,) and centre offset (N, 2)
         over the focal length (see :func:`box_frame`) of the frame it was matched in: the box of
         the crop's known extent (its visible mask and the hidden part where known, so that an
-        occluded object is matched at its whole size), or where that box ends at the image's
-        border, the best of it and its :data:`TRUNCATION_EXTENSIONS`."""
-        extent = crop.extent
-        box = mask_box(extent)
-        if box is None:
-            raise ValueError('empty mask: nothing to match')
-        boxes = [box]
-        if crop.outside is not None:
-            sides = truncated_sides(extent, crop.outside)
-            if sides.any():
-                boxes += [extend_box(box, sides, fraction * box[2:].max())
-                          for fraction in TRUNCATION_EXTENSIONS]
-        frames = [box_frame(frame_box, crop.K) for frame_box in boxes]
+        occluded object is matched at its whole size), or the best of it and its extensions where
+        it ends at the image's border or at ignored pixels (:func:`extended_boxes`)."""
+        frames = [box_frame(frame_box, crop.K) for frame_box in extended_boxes(crop)]
         per_frame = np.stack([self.frame_scores(crop, square) for square, _, _ in frames])
         best = per_frame.argmax(axis=0)
         sides = np.array([side for _, side, _ in frames])
