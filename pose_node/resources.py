@@ -18,7 +18,9 @@ def share_dir() -> Path:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
             candidates.insert(0, Path(get_package_share_directory('pose_node')))
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):
+            # OSError: no ament environment sourced (AMENT_PREFIX_PATH unset), as after a pip
+            # install used without ROS's setup script.
             pass
     except ImportError:
         pass
