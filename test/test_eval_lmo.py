@@ -144,7 +144,7 @@ class FixedPipeline:
 def test_cli_writes_the_report(monkeypatch, tmp_path, lmo):
     import pose_node.pipeline
     monkeypatch.setattr(pose_node.pipeline, 'Pipeline', FixedPipeline)
-    monkeypatch.setattr(eval_lmo, 'make_coarse', lambda args, models, device: {})
+    monkeypatch.setattr(eval_lmo, 'make_coarse', lambda args, models, device, losses: {})
     monkeypatch.setattr(eval_lmo, 'BopDataset', lambda root, folder: lmo)
     path = tmp_path / 'lmo.json'
     assert main(['eval-lmo', '--split', 'dev', '--n-images', '1', '--json', str(path)]) == 0

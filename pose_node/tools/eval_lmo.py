@@ -233,15 +233,16 @@ def missing_weights(args: argparse.Namespace, objects: DatasetObjects) -> Path |
     return next((path for path in needed if not path.is_file()), None)
 
 
-def make_coarse(args: argparse.Namespace, objects: DatasetObjects,
-                device: torch.device) -> dict[str, RecordingEstimator]:
+def make_coarse(args: argparse.Namespace, objects: DatasetObjects, device: torch.device,
+                losses: dict[str, LossConfig]) -> dict[str, RecordingEstimator]:
+    """Per object name its coarse estimator (--coarse); template matchers share the colour weight
+    of the object's refinement loss in ``losses`` (:func:`object_losses`)."""
     models = list(objects.models.values())
     if args.coarse == 'regressor':
         from pose_node.coarse.regressor import load_regressor
         return {m.name: RecordingEstimator(
             load_regressor(regressor_path(args, objects, m.name), m, device)) for m in models}
     from pose_node.coarse.templates import TemplateMatcher
-    losses = object_losses(args, objects)
     return {m.name: RecordingEstimator(TemplateMatcher.from_model(
         m, cache_dir=args.template_cache, device=device,
         colour_weight=losses.get(m.name, LossConfig()).colour_weight)) for m in models}
@@ -327,10 +328,10 @@ def run(args: argparse.Namespace) -> int:
     if args.masks == 'predicted':
         from pose_node.crop.segmenter import load_segmenter
         segmenter = load_segmenter(segmenter_path(args, objects), device)
-    coarse = make_coarse(args, objects, device)
+    losses = object_losses(args, objects)
+    coarse = make_coarse(args, objects, device, losses)
     pipeline = Pipeline(list(objects.models.values()), device,
-                        config=PipelineConfig(hypotheses=args.hypotheses,
-                                              object_losses=object_losses(args, objects)),
+                        config=PipelineConfig(hypotheses=args.hypotheses, object_losses=losses),
                         segmenter=segmenter, coarse=coarse)
     result = evaluate(frames, objects, pipeline, coarse, args.masks, progress=True)
     if not result.rows:
