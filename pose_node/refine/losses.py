@@ -114,13 +114,30 @@ def resampled_intrinsics(K: torch.Tensor, size: tuple[int, int],
     return transform_intrinsics(K, torch.as_tensor(A, dtype=K.dtype, device=K.device))
 
 
+SELECTION_COLOUR_FACTOR = 2.0
+"""The refined hypotheses compete by eq. 3 with colour weighed this many times more than while
+they are refined. Colour separates poses whose silhouettes fit a half-hidden object about
+equally (a flip, a turn behind the occluder), but at full weight it narrows the basins the
+refinement converges in; among converged poses it only has to rank them. 200 fresh synthetic
+tuning scenes (seed 5000, the segmenter's masks, demo object colour weight 0.3): ADD(-S) recall
+94.4 % -> 94.9 % at factors 2 and 3.3 (one instance mended, none lost), 93.4 % at 6.7 and 13.3.
+Objects without a colour term (colour weight 0) are ranked by the silhouette alone, as before."""
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """colour_weight: lambda of eq. 3 (0 = silhouette only, for untextured models).
-    colour_gain: fit a per-crop, per-channel gain to the render before comparing colours."""
+    colour_gain: fit a per-crop, per-channel gain to the render before comparing colours.
+    selection_colour_factor: the refined hypotheses compete by eq. 3 with this many times
+    ``colour_weight`` (:data:`SELECTION_COLOUR_FACTOR`)."""
 
     colour_weight: float = 0.0
     colour_gain: bool = True
+    selection_colour_factor: float = SELECTION_COLOUR_FACTOR
+
+    @property
+    def selection_colour_weight(self) -> float:
+        return self.selection_colour_factor * self.colour_weight
 
 
 def soft_iou(silhouette: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -175,8 +192,20 @@ def colour_error(rgb: torch.Tensor, silhouette: torch.Tensor, observation: Obser
 def refine_loss(silhouette: torch.Tensor, rgb: torch.Tensor, observation: Observation,
                 config: LossConfig) -> torch.Tensor:
     """(B,) eq.-3 loss of renders (silhouette (B, H, W), rgb (B, H, W, 3)) against the crop."""
-    loss = 1.0 - soft_iou(silhouette, observation.mask, observation.weight)
-    if config.colour_weight > 0:
-        loss = loss + config.colour_weight * colour_error(rgb, silhouette, observation,
-                                                          config.colour_gain)
-    return loss
+    return eq3_loss(*loss_terms(silhouette, rgb, observation, config), config.colour_weight)
+
+
+def loss_terms(silhouette: torch.Tensor, rgb: torch.Tensor | None, observation: Observation,
+               config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of eq. 3 for renders (silhouette (B, H, W), rgb (B, H, W, 3) or None):
+    soft IoUs (B,) 0..1 with the observed masks, and mean colour errors (B,) 0..1 (zeros when
+    ``config`` has no colour term)."""
+    iou = soft_iou(silhouette, observation.mask, observation.weight)
+    if config.colour_weight <= 0:
+        return iou, torch.zeros_like(iou)
+    return iou, colour_error(rgb, silhouette, observation, config.colour_gain)
+
+
+def eq3_loss(iou: torch.Tensor, colour: torch.Tensor, colour_weight: float) -> torch.Tensor:
+    """(B,) eq. 3 from its terms (:func:`loss_terms`): ``1 - iou + colour_weight * colour``."""
+    return 1.0 - iou + colour_weight * colour

@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from pose_node.geometry import axis_angle_to_matrix
-from pose_node.refine.losses import (LossConfig, Observation, colour_gain, refine_loss,
-                                     resampled_intrinsics, resized_observation, soft_iou)
+from pose_node.refine.losses import (LossConfig, Observation, colour_gain, loss_terms,
+                                     refine_loss, resampled_intrinsics, resized_observation)
 from pose_node.refine.motion import grown_depth, pixel_motion, rim_depth
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
                                               check_rotation, check_translation,
@@ -209,13 +209,11 @@ def sharp_render(problem: Problem, R: torch.Tensor, t: torch.Tensor,
 @torch.no_grad()
 def evaluate(problem: Problem, R: torch.Tensor, t: torch.Tensor,
              supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq.-3 losses (B,) of the B hypotheses' poses R (B, 3, 3), t (B, 3) against their crops
-    and the IoUs (B,) 0..1 of their silhouettes with the observed masks (ignored pixels left
-    out), both from one sharp render (no gradient)."""
+    """The eq.-3 terms (:func:`loss_terms`: IoUs (B,) of the silhouettes with the observed masks,
+    ignored pixels left out, and mean colour errors (B,)) of the B hypotheses' poses
+    R (B, 3, 3), t (B, 3) against their crops, from one sharp render (no gradient)."""
     out = sharp_render(problem, R, t, supersample)
-    observation = problem.observation
-    return (refine_loss(out.silhouette, out.rgb, observation, problem.loss),
-            soft_iou(out.silhouette, observation.mask, observation.weight))
+    return loss_terms(out.silhouette, out.rgb, problem.observation, problem.loss)
 
 
 # ------------------------------------------------------------------------------------ baseline

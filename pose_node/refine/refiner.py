@@ -11,8 +11,9 @@ Order of work:
 3. score every start and every result with the eq.-3 loss of sharp (supersampled, not soft)
    renders at the optimizer's final resolution; a result not better than its start is replaced
    by the start (divergence guard);
-4. the hypothesis with the lowest loss wins; its score is the IoU of its sharp silhouette, taken
-   from the render of step 3 (no second render of the winner).
+4. the hypothesis with the lowest loss wins, colour weighed by the loss's
+   ``selection_colour_weight`` here; its score is the IoU of its sharp silhouette, taken from
+   the render of step 3 (no second render of the winner).
 
 Poses are object-to-camera (4, 4) with translations in metres, on the mesh's device and dtype.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pose_node.geometry import make_pose
-from pose_node.refine.losses import LossConfig, Observation, stacked_observations
+from pose_node.refine.losses import LossConfig, Observation, eq3_loss, stacked_observations
 from pose_node.refine.optimizers import (AdamConfig, LevenbergMarquardtConfig, Problem,
                                          adam_refine, evaluate, levenberg_marquardt_refine,
                                          sharp_render)
@@ -117,20 +118,23 @@ def refine_objects(observations: list[Observation], meshes: list[RenderMesh], po
         trajectory = levenberg_marquardt_refine(problem, R_start, t_init, optimizer)
     batch = len(owner)
     both = torch.arange(batch, device=owner.device).repeat(2)
-    losses, ious = evaluate(problem.at_size(optimizer.final_size).select(both),
+    ious, colour = evaluate(problem.at_size(optimizer.final_size).select(both),
                             torch.cat([R_start, trajectory.R]),
                             torch.cat([t_start, trajectory.t]), score_supersample)
-    start_losses, final_losses = losses.chunk(2)
-    kept, losses = guarded(final_losses, start_losses)
+    start_losses, final_losses = eq3_loss(ious, colour, loss.colour_weight).chunk(2)
+    kept = guarded(final_losses, start_losses)
     R = torch.where(kept[:, None, None], trajectory.R, R_start)
     t = torch.where(kept[:, None], trajectory.t, t_start)
     start_ious, final_ious = ious.chunk(2)
+    start_selection, final_selection = eq3_loss(ious, colour,
+                                                loss.selection_colour_weight).chunk(2)
+    selection = torch.where(kept, final_selection, start_selection)
     all_poses = make_pose(R, t)
     elapsed_ms = 1e3 * (time.perf_counter() - started)
     results = []
     for first, count in zip(itertools.accumulate([0] + counts[:-1]), counts):
         own = slice(first, first + count)
-        winner = int(torch.argmin(losses[own]))
+        winner = int(torch.argmin(selection[own]))
         best = first + winner
         results.append(RefineResult(
             pose=all_poses[best], score=float(final_ious[best] if kept[best] else start_ious[best]),
@@ -141,12 +145,10 @@ def refine_objects(observations: list[Observation], meshes: list[RenderMesh], po
     return results
 
 
-def guarded(final_losses: torch.Tensor, start_losses: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def guarded(final_losses: torch.Tensor, start_losses: torch.Tensor) -> torch.Tensor:
     """Divergence guard: which results (K_h,) bool are kept (strictly better than their starts,
-    and finite) and the losses (K_h,) of what is returned (the start's where not kept)."""
-    kept = torch.isfinite(final_losses) & (final_losses < start_losses)
-    return kept, torch.where(kept, final_losses, start_losses)
+    and finite); the start is returned where not."""
+    return torch.isfinite(final_losses) & (final_losses < start_losses)
 
 
 def _first_size(optimizer: OptimizerConfig) -> int:
