@@ -53,7 +53,8 @@ px; with colour in the template search, on 197 other tuning scenes, 82.7 % at 2 
 83.8 % at 4; with the crop stage too, 90.4 % at 2, 91.9 % at 4. Counted in the object's extent
 as well (until stop 17) the band made the template search's scale too large: 91.9 % against
 92.9 % when only unknown. Only unknown and without GrabCut edges: 90.9 / 93.9 / 93.4 % at 2 / 4 /
-6 network px."""
+6 network px. Still needed beside the occluder's pixels (:data:`OCCLUDER_REACH`): on 200 fresh
+tuning scenes (seed 5000) 92.4 / 93.4 / 94.9 % at 0 / 2 / 4 network px."""
 OCCLUDER_REACH = 8
 """Pixels of the occluder (:func:`pose_node.crop.occluder_region`) within this many pixels of the
 network's input of the hidden part are unsure too: the amodal head misses thin hidden parts with
