@@ -297,6 +297,26 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(demo, tmp_path):
     np.testing.assert_array_equal(templates.load_bank(path).rotations, built.rotations)
 
 
+def test_writers_of_the_same_bank_at_once_do_not_break_each_other(demo, tmp_path, monkeypatch):
+    """A second process writing the same bank while the first is still writing (two evaluations
+    on a fresh cache) must not take the first one's temporary file away."""
+    bank = templates.build_bank(demo, replace(FAST, subdivisions=0, inplane=4))
+    path = tmp_path / 'bank.npz'
+    savez = np.savez
+    nested = []
+
+    def interleaved(file, **arrays):
+        savez(file, **arrays)
+        if not nested:
+            nested.append(True)
+            templates.save_bank(bank, path)      # the other writer, finished before this one
+
+    monkeypatch.setattr(templates.np, 'savez', interleaved)
+    templates.save_bank(bank, path)
+    np.testing.assert_array_equal(templates.load_bank(path).rotations, bank.rotations)
+    assert [p.name for p in tmp_path.iterdir()] == ['bank.npz']
+
+
 def test_objects_cut_by_the_image_border_are_matched_beyond_it(demo, matcher, monkeypatch):
     coloured = TemplateMatcher(matcher.bank, demo.symmetries, FAST, CPU, colour_weight=0.3)
     scene = RaycastScene([demo])

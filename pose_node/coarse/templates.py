@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
@@ -362,14 +364,21 @@ def default_cache_dir() -> Path:
 
 
 def save_bank(bank: TemplateBank, path: Path) -> None:
-    """Write ``bank`` to ``path`` (.npz, no pickled objects), atomically."""
+    """Write ``bank`` to ``path`` (.npz, no pickled objects), atomically: processes that build
+    the same bank at once (two nodes, two evaluations on a fresh cache) each write their own
+    temporary file, and the last to finish replaces the others' identical result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + '.partial.npz')
-    np.savez(partial, rotations=bank.rotations, masks=bank.masks, colours=bank.colours,
-             box_sides=bank.box_sides,
-             centre_offsets=bank.centre_offsets, distance=np.array(bank.distance),
-             object_centre=bank.object_centre)
-    partial.replace(path)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.',
+                                       suffix='.partial.npz')
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            np.savez(file, rotations=bank.rotations, masks=bank.masks, colours=bank.colours,
+                     box_sides=bank.box_sides, centre_offsets=bank.centre_offsets,
+                     distance=np.array(bank.distance), object_centre=bank.object_centre)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def load_bank(path: Path) -> TemplateBank:
