@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import trimesh
 from scipy.spatial.transform import Rotation
 from trimesh.ray.ray_pyembree import RayMeshIntersector
 
@@ -317,6 +318,28 @@ def test_faces_behind_the_camera_are_dropped(soft, mesh, poses):
     # the pixel centre, its depth lies in front of the near plane.
     covered = out.depth[hard.silhouette > 0.5]
     assert len(covered) > 100 and (covered > soft.near).all()
+
+
+def test_normals_face_the_camera_on_a_box_seen_head_on():
+    """The soft and the exact modes render the camera-frame normals, premultiplied like rgb: on
+    a box seen head-on the visible face's normal points back at the camera (-z) (flat normals:
+    the box's 8 shared corners would round the smooth ones)."""
+    box = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
+    model = ObjectModel(name='box', vertices=box.vertices.astype(np.float32),
+                        faces=box.faces.astype(np.int64),
+                        vertex_colors=np.full((len(box.vertices), 3), 0.5, np.float32),
+                        has_colors=True, diameter=0.17, symmetries=np.eye(4)[None])
+    box_mesh = RenderMesh.from_model(model, torch.device('cpu'))
+    R, t = torch.eye(3)[None], torch.tensor([[0.0, 0.0, 0.5]])
+    K = torch.tensor([[200.0, 0.0, 30.0], [0.0, 200.0, 30.0], [0.0, 0.0, 1.0]])   # a 40 px face
+    renderer = SoftRenderer(torch.device('cpu'), smooth_normals=False)
+    for out in (renderer.render(box_mesh, R, t, K, 60, 60, Shading(normals=True)),
+                renderer.render_hard(box_mesh, R, t, K, 60, 60, Shading(normals=True))):
+        centre = out.normal[0, 20:40, 20:40] / out.silhouette[0, 20:40, 20:40, None]
+        assert torch.allclose(centre, torch.tensor([0.0, 0.0, -1.0]), atol=1e-4)
+        assert out.normal.shape == out.rgb.shape
+        assert float(out.normal[0, 0, 0].abs().sum()) == 0.0          # background
+    assert renderer.render_hard(box_mesh, R, t, K, 60, 60).normal is None
 
 
 def test_lambert_flat_shading_matches_trimesh_normals(model, mesh, scene, poses):

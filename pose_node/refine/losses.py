@@ -6,9 +6,10 @@ float 0..1. A ``weight`` of 0 leaves a pixel out of every term (occlusion-aware 
 known objects' visible masks, pixels outside the real image); 1 counts it fully.
 
 The loss is the paper's (Simpsi et al. 2022, eq. 3), per hypothesis:
-``L = (1 - soft IoU(silhouette, mask)) + colour_weight * mean |gain * rgb - observed|`` over the
-observed mask and the rendered silhouette, both restricted to weight > 0; ``gain`` (3,) is a
-per-crop least-squares colour gain (or 1), fitted without gradient before comparing.
+``L = (1 - soft IoU(silhouette, mask)) + colour_weight * mean |lit(rgb) - observed|`` over the
+observed mask and the rendered silhouette, both restricted to weight > 0; ``lit`` is the render's
+albedo under a lighting model fitted per crop by least squares, without gradient, before
+comparing (:func:`lit_colours`: first-order spherical-harmonic shading, or a colour gain only).
 """
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pose_node.camera import crop_transform, transform_intrinsics
+from pose_node.render.base import RenderOutput
 
 _EPSILON = 1e-6
 GAIN_RANGE = (0.2, 5.0)
@@ -124,20 +126,40 @@ tuning scenes (seed 5000, the segmenter's masks, demo object colour weight 0.3):
 Objects without a colour term (colour weight 0) are ranked by the silhouette alone, as before."""
 
 
+COLOUR_FITS = ('lighting', 'gain', 'none')
+LIGHTING_RIDGE = 0.02
+"""Ridge of the lighting fit's directional terms, relative to its ambient term's weight: where
+few pixels overlap, it keeps the fit near a plain colour gain instead of explaining a wrong
+pose's colours by an extreme light."""
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """colour_weight: lambda of eq. 3 (0 = silhouette only, for untextured models).
-    colour_gain: fit a per-crop, per-channel gain to the render before comparing colours.
+    colour_fit: how the render's colours are fitted to the crop's before comparing
+    (:func:`lit_colours`): 'lighting' (the default: per channel an ambient gain and a
+    directional term over the surface normal, which the renderer must supply), 'gain' (a
+    per-channel gain) or 'none'.
     selection_colour_factor: the refined hypotheses compete by eq. 3 with this many times
     ``colour_weight`` (:data:`SELECTION_COLOUR_FACTOR`)."""
 
     colour_weight: float = 0.0
-    colour_gain: bool = True
+    colour_fit: str = 'lighting'
     selection_colour_factor: float = SELECTION_COLOUR_FACTOR
+
+    def __post_init__(self):
+        if self.colour_fit not in COLOUR_FITS:
+            raise ValueError(f'colour_fit must be one of {", ".join(COLOUR_FITS)}, got '
+                             f'{self.colour_fit!r}')
 
     @property
     def selection_colour_weight(self) -> float:
         return self.selection_colour_factor * self.colour_weight
+
+    @property
+    def needs_normals(self) -> bool:
+        """Whether renders must carry surface normals (``Shading.normals``) for this loss."""
+        return self.colour_weight > 0 and self.colour_fit == 'lighting'
 
 
 def soft_iou(silhouette: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,45 +187,99 @@ def colour_gain(rgb: torch.Tensor, silhouette: torch.Tensor, image: torch.Tensor
     return gain.clamp(*GAIN_RANGE)
 
 
-def colour_residual(rgb: torch.Tensor, silhouette: torch.Tensor, observation: Observation,
-                    fit_gain: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel colour difference (B, H, W, 3) ``gain * rgb - silhouette * image`` (both
-    premultiplied by the rendered coverage, so it vanishes off the silhouette) and the pixel
-    weights (B, H, W) of the colour mean: weight * mask (the observed mask, occlusion-aware)."""
+@torch.no_grad()
+def lighting_fit(out: RenderOutput, image: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 4) per hypothesis and channel c the least-squares coefficients (a_c, b_c (3,)) of
+    ``lit_c = albedo_c * (a_c + b_c . n)`` against ``silhouette * image``: first-order
+    spherical-harmonic shading of a Lambertian surface under any distant light (its unclamped
+    linear part), per channel so that the light's colour and the camera's white balance are
+    fitted too. ``out``: a render with ``normal`` (n, camera frame); image (N, H, W, 3) (N = 1
+    or B); overlap (B, H, W) pixel weights. The directional terms carry
+    :data:`LIGHTING_RIDGE`; (1, 0, 0, 0) (albedo as rendered) where nothing overlaps."""
+    batch = out.rgb.shape[0]
+    unit = _unit_normals(out)                                                   # (B, H, W, 3)
+    # Per (hypothesis, channel) row: pixels x (albedo, albedo * n) and their targets.
+    basis = (out.rgb[..., None] * torch.cat([torch.ones_like(unit[..., :1]), unit],
+                                            dim=-1)[..., None, :])         # (B, H, W, 3, 4)
+    basis = basis.permute(0, 3, 1, 2, 4).reshape(batch * 3, -1, 4)
+    target = (out.silhouette[..., None] * image).expand_as(out.rgb)
+    target = target.permute(0, 3, 1, 2).reshape(batch * 3, -1, 1)
+    weights = overlap.reshape(batch, 1, -1).expand(batch, 3, -1).reshape(batch * 3, -1, 1)
+    weighted = (weights * basis).transpose(1, 2)                               # (B*3, 4, P)
+    normal_matrix, moment = weighted @ basis, weighted @ target                 # (B*3, 4, 4 | 1)
+    ambient_weight = normal_matrix[:, 0, 0]
+    ridge = torch.tensor([0.0, LIGHTING_RIDGE, LIGHTING_RIDGE, LIGHTING_RIDGE],
+                         dtype=basis.dtype, device=basis.device)
+    regularised = normal_matrix + torch.diag_embed(
+        (ambient_weight[:, None] * ridge).clamp(min=_EPSILON))
+    coefficients = torch.linalg.solve(regularised, moment)[..., 0]
+    unlit = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=basis.dtype, device=basis.device)
+    coefficients = torch.where((ambient_weight > _EPSILON)[:, None], coefficients, unlit)
+    return coefficients.view(batch, 3, 4)
+
+
+def _unit_normals(out: RenderOutput) -> torch.Tensor:
+    """(B, H, W, 3) the render's camera-frame normals no longer premultiplied by coverage."""
+    return out.normal / out.silhouette.detach().clamp(min=_EPSILON)[..., None]
+
+
+def lit_colours(out: RenderOutput, image: torch.Tensor, overlap: torch.Tensor,
+                colour_fit: str) -> torch.Tensor:
+    """(B, H, W, 3) the colours of render ``out`` fitted to ``image`` (N, H, W, 3) (N = 1 or B)
+    over pixel weights ``overlap`` (B, H, W) as ``colour_fit`` says (:class:`LossConfig`);
+    premultiplied by coverage. The fit carries no gradient; the colours do, through the render."""
+    if colour_fit == 'none':
+        return out.rgb
+    if colour_fit == 'gain':
+        gain = colour_gain(out.rgb.detach(), out.silhouette.detach(), image, overlap)
+        return out.rgb * gain[:, None, None, :]
+    if out.normal is None:
+        raise ValueError("colour_fit 'lighting' needs a render with normals (Shading.normals)")
+    detached = RenderOutput(silhouette=out.silhouette.detach(), rgb=out.rgb.detach(), depth=None,
+                            normal=out.normal.detach())
+    coefficients = lighting_fit(detached, image, overlap)                      # (B, 3, 4)
+    batch, height, width, _ = out.rgb.shape
+    directional = _unit_normals(out).reshape(batch, -1, 3) @ coefficients[..., 1:].transpose(1, 2)
+    shading = coefficients[:, None, None, :, 0] + directional.view(batch, height, width, 3)
+    return (out.rgb * shading).clamp(min=0.0)
+
+
+def colour_residual(out: RenderOutput, observation: Observation,
+                    colour_fit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel colour difference (B, H, W, 3) ``lit(rgb) - silhouette * image`` of render
+    ``out`` (both premultiplied by the rendered coverage, so it vanishes off the silhouette) and
+    the pixel weights (B, H, W) of the colour mean: weight * mask (the observed mask,
+    occlusion-aware)."""
+    silhouette = out.silhouette
     overlap = (observation.weight * observation.mask).expand_as(silhouette)
-    if fit_gain:
-        gain = colour_gain(rgb.detach(), silhouette.detach(), observation.image,
-                           overlap * silhouette.detach())
-        rgb = rgb * gain[:, None, None, :]
+    rgb = lit_colours(out, observation.image, overlap * silhouette.detach(), colour_fit)
     return rgb - silhouette[..., None] * observation.image, overlap
 
 
-def colour_error(rgb: torch.Tensor, silhouette: torch.Tensor, observation: Observation,
-                 fit_gain: bool) -> torch.Tensor:
-    """(B,) mean absolute colour error (0..1) over the observed mask and the rendered silhouette
-    (rgb (B, H, W, 3) premultiplied, silhouette (B, H, W)); 0 where they do not overlap."""
-    difference, overlap = colour_residual(rgb, silhouette, observation, fit_gain)
+def colour_error(out: RenderOutput, observation: Observation, colour_fit: str) -> torch.Tensor:
+    """(B,) mean absolute colour error (0..1) of render ``out`` over the observed mask and the
+    rendered silhouette; 0 where they do not overlap."""
+    difference, overlap = colour_residual(out, observation, colour_fit)
     total = (overlap[..., None] * difference.abs()).sum(dim=(1, 2, 3))
     # The normaliser carries no gradient: the mean must not improve by shrinking the overlap.
-    count = 3.0 * (overlap * silhouette).detach().sum(dim=(1, 2))
+    count = 3.0 * (overlap * out.silhouette).detach().sum(dim=(1, 2))
     return total / count.clamp(min=_EPSILON)
 
 
-def refine_loss(silhouette: torch.Tensor, rgb: torch.Tensor, observation: Observation,
-                config: LossConfig) -> torch.Tensor:
-    """(B,) eq.-3 loss of renders (silhouette (B, H, W), rgb (B, H, W, 3)) against the crop."""
-    return eq3_loss(*loss_terms(silhouette, rgb, observation, config), config.colour_weight)
+def refine_loss(out: RenderOutput, observation: Observation, config: LossConfig) -> torch.Tensor:
+    """(B,) eq.-3 loss of render ``out`` (B hypotheses) against the crop."""
+    return eq3_loss(*loss_terms(out, observation, config), config.colour_weight)
 
 
-def loss_terms(silhouette: torch.Tensor, rgb: torch.Tensor | None, observation: Observation,
+def loss_terms(out: RenderOutput, observation: Observation,
                config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two terms of eq. 3 for renders (silhouette (B, H, W), rgb (B, H, W, 3) or None):
-    soft IoUs (B,) 0..1 with the observed masks, and mean colour errors (B,) 0..1 (zeros when
-    ``config`` has no colour term)."""
-    iou = soft_iou(silhouette, observation.mask, observation.weight)
+    """The two terms of eq. 3 for render ``out`` (B hypotheses; its rgb may be None without a
+    colour term): soft IoUs (B,) 0..1 with the observed masks, and mean colour errors (B,) 0..1
+    (zeros when ``config`` has no colour term)."""
+    iou = soft_iou(out.silhouette, observation.mask, observation.weight)
     if config.colour_weight <= 0:
         return iou, torch.zeros_like(iou)
-    return iou, colour_error(rgb, silhouette, observation, config.colour_gain)
+    return iou, colour_error(out, observation, config.colour_fit)
 
 
 def eq3_loss(iou: torch.Tensor, colour: torch.Tensor, colour_weight: float) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from pose_node.geometry import axis_angle_to_matrix
-from pose_node.refine.losses import (LossConfig, Observation, colour_gain, loss_terms,
+from pose_node.refine.losses import (LossConfig, Observation, lit_colours, loss_terms,
                                      refine_loss, resampled_intrinsics, resized_observation)
 from pose_node.refine.motion import grown_depth, pixel_motion, rim_depth
 from pose_node.refine.parametrization import (TranslationScale, apply_increment,
@@ -69,7 +69,7 @@ class Problem:
     ``meshes[owner[b]]`` to compare with crop ``owner[b]`` of ``crops`` (N crops, at the
     working resolution; ``full``: at full resolution) under ``loss``; owner (B,) int64, or None
     when there is one mesh and crop for any number of hypotheses; ``shading`` of the colour
-    render; ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
+    render (with normals where the loss fits a lighting model); ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
     steps)."""
 
     renderer: Renderer
@@ -95,6 +95,8 @@ class Problem:
             owner = torch.as_tensor(owner, dtype=torch.long, device=device)
         radii = torch.tensor([float(mesh.vertices.norm(dim=1).max()) for mesh in meshes],
                              dtype=crops.mask.dtype, device=device)
+        if loss.needs_normals:
+            shading = replace(shading, normals=True)
         return cls(renderer=renderer, meshes=meshes, crops=crops, owner=owner, loss=loss,
                    shading=shading, radii=radii, full=crops)
 
@@ -136,7 +138,7 @@ class Problem:
                  for crop, index in groups]
         order = torch.argsort(torch.cat([index for _, index in groups]))
         if isinstance(parts[0], RenderOutput):
-            planes = [(part.silhouette, part.rgb, part.depth) for part in parts]
+            planes = [(part.silhouette, part.rgb, part.depth, part.normal) for part in parts]
             return RenderOutput(*(None if plane[0] is None else torch.cat(plane)[order]
                                   for plane in zip(*planes)))
         return torch.cat(parts)[order]
@@ -197,13 +199,15 @@ def sharp_render(problem: Problem, R: torch.Tensor, t: torch.Tensor,
     out = problem.per_mesh(hard, R, t, K, width, height, problem.shading)
     if supersample == 1:
         return out
-    planes = torch.cat([out.silhouette[:, None], out.rgb.permute(0, 3, 1, 2), out.depth[:, None]],
-                       dim=1)
+    surface = [out.rgb] if out.normal is None else [out.rgb, out.normal]
+    planes = torch.cat([out.silhouette[:, None], out.depth[:, None]]
+                       + [plane.permute(0, 3, 1, 2) for plane in surface], dim=1)
     pooled = F.avg_pool2d(planes, supersample)
     silhouette = pooled[:, 0]
-    depth = pooled[:, 4] / silhouette.clamp(min=1e-6)
-    return RenderOutput(silhouette=silhouette, rgb=pooled[:, 1:4].permute(0, 2, 3, 1),
-                        depth=torch.where(silhouette > 0, depth, 0.0))
+    depth = pooled[:, 1] / silhouette.clamp(min=1e-6)
+    return RenderOutput(silhouette=silhouette, rgb=pooled[:, 2:5].permute(0, 2, 3, 1),
+                        depth=torch.where(silhouette > 0, depth, 0.0),
+                        normal=None if out.normal is None else pooled[:, 5:8].permute(0, 2, 3, 1))
 
 
 @torch.no_grad()
@@ -213,7 +217,7 @@ def evaluate(problem: Problem, R: torch.Tensor, t: torch.Tensor,
     ignored pixels left out, and mean colour errors (B,)) of the B hypotheses' poses
     R (B, 3, 3), t (B, 3) against their crops, from one sharp render (no gradient)."""
     out = sharp_render(problem, R, t, supersample)
-    return loss_terms(out.silhouette, out.rgb, problem.observation, problem.loss)
+    return loss_terms(out, problem.observation, problem.loss)
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -274,7 +278,7 @@ def adam_refine(problem: Problem, R: torch.Tensor, t: torch.Tensor,
         sigma = config.sigma.at(iteration / max(config.iterations - 1, 1))
         out = render(problem, params_to_rotation(rotation, config.rotation),
                      params_to_translation(translation, config.translation, scale), sigma)
-        loss = refine_loss(out.silhouette, out.rgb, problem.observation, problem.loss)
+        loss = refine_loss(out, problem.observation, problem.loss)
         optimizer.zero_grad()
         loss.sum().backward()  # the sum keeps the hypotheses' gradients independent
         optimizer.step()
@@ -481,21 +485,25 @@ def _damped_step(current: Linearization, damping: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Residuals:
-    """One sharp render ``out`` of B poses, its residuals r (B, N) and cost (B,) = |r|^2, and the
-    per-pixel scales of the colour residuals (B, 3, H, W) (None without a colour term), which
-    their Jacobian shares."""
+    """One sharp render ``out`` of B poses, its residuals r (B, N) and cost (B,) = |r|^2, and,
+    with a colour term, what their Jacobian shares: the per-pixel scales of the colour residuals
+    (B, 3, H, W) and the render's colours under the fitted lighting, ``lit`` (B, 3, H, W)
+    (both None without)."""
 
     out: RenderOutput
     residual: torch.Tensor
     cost: torch.Tensor
     colour_scale: torch.Tensor | None
+    lit: torch.Tensor | None
 
     def select(self, index: torch.Tensor) -> 'Residuals':
         """The hypotheses ``index`` (b,) (int64 or bool)."""
         out = RenderOutput(*(None if plane is None else plane[index]
-                             for plane in (self.out.silhouette, self.out.rgb, self.out.depth)))
+                             for plane in (self.out.silhouette, self.out.rgb, self.out.depth,
+                                           self.out.normal)))
         return Residuals(out, self.residual[index], self.cost[index],
-                         None if self.colour_scale is None else self.colour_scale[index])
+                         *(None if plane is None else plane[index]
+                           for plane in (self.colour_scale, self.lit)))
 
 
 def residuals(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor) -> Residuals:
@@ -510,13 +518,14 @@ def residuals(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor) 
     filled_mask = weight * mask + (1.0 - weight) * silhouette
     parts = [_silhouette_scale(observation) * _gaussian_blur(silhouette - filled_mask,
                                                              level.blur)]
-    colour_scale = None
+    colour_scale = lit = None
     if problem.loss.colour_weight > 0:
-        residual, colour_scale = _colour_residuals(out, observation, level, problem.loss)
+        lit = _lit_render(out, observation, problem.loss)
+        residual, colour_scale = _colour_residuals(out, lit, observation, level, problem.loss)
         parts.append(residual)
     residual = torch.cat([part.reshape(R.shape[0], -1) for part in parts], dim=1)
     return Residuals(out=out, residual=residual, cost=(residual * residual).sum(dim=1),
-                     colour_scale=colour_scale)
+                     colour_scale=colour_scale, lit=lit)
 
 
 def jacobian(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor,
@@ -535,7 +544,7 @@ def jacobian(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor,
         surface_motion = pixel_motion(grown_depth(rendered.out.depth, reach), K, t,
                                       problem.radius)
         parts.append(_colour_jacobian(rendered, observation, level, surface_motion,
-                                      silhouette_change, problem.loss))
+                                      silhouette_change))
     return torch.cat([part.movedim(2, -1).reshape(R.shape[0], -1, 6) for part in parts], dim=1)
 
 
@@ -555,25 +564,23 @@ def _silhouette_scale(observation: Observation) -> torch.Tensor:
     return weight / size.clamp(min=1.0).sqrt()
 
 
-def _gained_render(out: RenderOutput, observation: Observation, loss: LossConfig
-                   ) -> torch.Tensor:
-    """(B, 3, H, W) the render's colours times the per-crop gain fitted to the observation."""
-    overlap = observation.weight * observation.mask
-    gain = (colour_gain(out.rgb, out.silhouette, observation.image, overlap * out.silhouette)
-            if loss.colour_gain else torch.ones_like(out.rgb[:, 0, 0]))
-    return (gain[:, None, None, :] * out.rgb).permute(0, 3, 1, 2)
+def _lit_render(out: RenderOutput, observation: Observation, loss: LossConfig) -> torch.Tensor:
+    """(B, 3, H, W) the render's colours under the lighting fitted to the observation
+    (:func:`lit_colours`)."""
+    overlap = observation.weight * observation.mask * out.silhouette
+    return lit_colours(out, observation.image, overlap, loss.colour_fit).permute(0, 3, 1, 2)
 
 
-def _colour_residuals(out: RenderOutput, observation: Observation, level: Level,
-                      loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour residuals (B, 3, H, W) and their scales (B, 3, H, W): blurred ``gain * rgb -
-    silhouette * image`` over the observed mask, reweighted so that their squares sum to about
+def _colour_residuals(out: RenderOutput, lit: torch.Tensor, observation: Observation,
+                      level: Level, loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour residuals (B, 3, H, W) and their scales (B, 3, H, W): blurred ``lit -
+    silhouette * image`` (``lit``: :func:`_lit_render` of ``out``) over the observed mask,
+    reweighted so that their squares sum to about
     the ``colour_weight``-weighted mean absolute error (iteratively reweighted least squares)."""
     silhouette = out.silhouette
     overlap = observation.weight * observation.mask                                # (N, H, W)
     image = observation.image.permute(0, 3, 1, 2)                                  # (N, 3, H, W)
-    difference = _gaussian_blur(_gained_render(out, observation, loss)
-                                - silhouette[:, None] * image, level.blur)
+    difference = _gaussian_blur(lit - silhouette[:, None] * image, level.blur)
     count = 3.0 * (overlap * silhouette).sum(dim=(1, 2)).clamp(min=1.0)
     robust = torch.rsqrt(difference.abs() + 1e-3)
     scale = (math.sqrt(loss.colour_weight) * overlap[:, None] * robust
@@ -582,14 +589,14 @@ def _colour_residuals(out: RenderOutput, observation: Observation, level: Level,
 
 
 def _colour_jacobian(rendered: Residuals, observation: Observation, level: Level,
-                     surface_motion: torch.Tensor, silhouette_change: torch.Tensor,
-                     loss: LossConfig) -> torch.Tensor:
+                     surface_motion: torch.Tensor, silhouette_change: torch.Tensor
+                     ) -> torch.Tensor:
     """(B, 3, 6, H, W) derivatives of the colour residuals: the render moves with
     ``surface_motion`` (B, 2, 6, H, W); ``silhouette_change`` (B, 1, 6, H, W) is the unblurred
-    silhouette's derivative (the gain and the scales are held fixed)."""
+    silhouette's derivative (the fitted lighting and the scales are held fixed)."""
     image = observation.image.permute(0, 3, 1, 2)                                  # (N, 3, H, W)
     # The observed term changes where the coverage does: d(s * image) = image * ds.
-    change = (_content_change(_gained_render(rendered.out, observation, loss), surface_motion)
+    change = (_content_change(rendered.lit, surface_motion)
               - image[:, :, None] * silhouette_change)
     return rendered.colour_scale[:, :, None] * _blurred_change(change, level.blur)
 

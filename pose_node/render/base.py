@@ -77,24 +77,30 @@ class Shading:
     """How colour is computed: unlit albedo (default), or Lambert with one directional light.
 
     ``light_direction`` (3,) is the direction the light travels, in the camera frame; the colour is
-    albedo * (ambient + diffuse * max(0, -n . light_direction)).
+    albedo * (ambient + diffuse * max(0, -n . light_direction)). ``normals``: also render the
+    surface's camera-frame normals (``RenderOutput.normal``), from which a lighting model can be
+    fitted to an image (:func:`pose_node.refine.losses.lit_colours`).
     """
 
     lambert: bool = False
     light_direction: tuple[float, float, float] = (0.0, 0.0, 1.0)
     ambient: float = 0.4
     diffuse: float = 0.6
+    normals: bool = False
 
 
 @dataclass
 class RenderOutput:
     """silhouette (B, H, W) 0..1; rgb (B, H, W, 3) 0..1, 0 on background; depth (B, H, W) metres,
     camera-frame z, 0 on background. rgb and depth are None where only the silhouette was asked
-    for (the refiner's sharp renders without a colour term)."""
+    for (the refiner's sharp renders without a colour term). normal (B, H, W, 3): the surface's
+    camera-frame unit normals premultiplied by coverage like rgb, where ``Shading.normals`` asked
+    for them, else None."""
 
     silhouette: torch.Tensor
     rgb: torch.Tensor | None
     depth: torch.Tensor | None
+    normal: torch.Tensor | None = None
 
 
 class Renderer(ABC):

@@ -429,6 +429,10 @@ class MitsubaRenderer(Renderer):
             raise NotImplementedError(
                 'the Mitsuba backend renders unlit albedo only (the mesh is an emitter so that '
                 'visibility gets exact gradients); use Shading() or the soft backend for Lambert')
+        if shading.normals:
+            raise NotImplementedError(
+                'the Mitsuba backend renders no normals; use the soft backend, or a loss that '
+                "fits a colour gain only (LossConfig(colour_fit='gain'))")
         if self._mi.variant() != self.variant:
             self._mi.set_variant(self.variant)
         scene = self._scene(mesh, int(width), int(height))

@@ -130,13 +130,11 @@ class SoftRenderer(Renderer):
         logits = (torch.where(inside, d2, -d2) / sigma).clamp(-_MAX_LOGIT, _MAX_LOGIT)
         weights, depth = _perspective_weights(_barycentric(pairs.xy, corners).clamp(min=0.0),
                                               posed.z[pairs.face])
-        colors = _pair_colors(mesh, R, pairs.face, weights, shading, self.smooth_normals)
+        planes = _pair_planes(mesh, R, pairs.face, weights, shading, self.smooth_normals)
         n_pixels = batch * height * width
-        silhouette, rgb = _composite(pairs.pixel, depth.detach(), logits, colors, n_pixels)
+        silhouette, planes = _composite(pairs.pixel, depth.detach(), logits, planes, n_pixels)
         depth_image = _nearest_depth(pairs.pixel[inside], depth.detach()[inside], n_pixels)
-        return RenderOutput(silhouette=silhouette.view(batch, height, width),
-                            rgb=rgb.view(batch, height, width, 3),
-                            depth=depth_image.view(batch, height, width))
+        return _output(silhouette, planes, depth_image, (batch, height, width))
 
     def _topology(self, mesh: RenderMesh) -> 'MeshTopology':
         key = (id(mesh.vertices), id(mesh.faces))
@@ -161,12 +159,11 @@ class SoftRenderer(Renderer):
         depth_image = _nearest_depth(pairs.pixel, depth, n_pixels)
         winner = _nearest_pair(pairs.pixel, depth, depth_image, n_pixels)
         hit = winner >= 0
-        rgb = torch.zeros(n_pixels, 3, dtype=depth_image.dtype, device=depth_image.device)
-        rgb[hit] = _pair_colors(mesh, R, pairs.face[winner[hit]], weights[winner[hit]], shading,
-                                self.smooth_normals)
-        return RenderOutput(silhouette=hit.to(rgb.dtype).view(batch, height, width),
-                            rgb=rgb.view(batch, height, width, 3),
-                            depth=depth_image.view(batch, height, width))
+        colours = _pair_planes(mesh, R, pairs.face[winner[hit]], weights[winner[hit]], shading,
+                               self.smooth_normals)
+        planes = colours.new_zeros(n_pixels, colours.shape[1])
+        planes[hit] = colours
+        return _output(hit.to(planes.dtype), planes, depth_image, (batch, height, width))
 
     @torch.no_grad()
     def render_silhouette(self, mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor,
@@ -474,26 +471,36 @@ def _perspective_weights(barycentric: torch.Tensor, corner_z: torch.Tensor
 
 # ------------------------------------------------------------------------------------- shading
 
-def _pair_colors(mesh: RenderMesh, R: torch.Tensor, pair_face: torch.Tensor,
+def _pair_planes(mesh: RenderMesh, R: torch.Tensor, pair_face: torch.Tensor,
                  weights: torch.Tensor, shading: Shading, smooth_normals: bool) -> torch.Tensor:
     """(P, 3) colours of pairs on faces pair_face (P,) (index into B*F) with interpolation
-    weights (P, 3): vertex albedo, times Lambert shading when ``shading.lambert``."""
+    weights (P, 3): vertex albedo, times Lambert shading when ``shading.lambert``; followed by
+    their camera-frame unit normals, (P, 6), when ``shading.normals``."""
+    face = pair_face % mesh.faces.shape[0]
+    colours = torch.einsum('pk,pkc->pc', weights, mesh.colors[mesh.faces[face]])
+    if not (shading.lambert or shading.normals):
+        return colours
+    normals = _pair_normals(mesh, R, pair_face, weights, smooth_normals)
+    if shading.lambert:
+        light = F.normalize(torch.as_tensor(shading.light_direction, dtype=normals.dtype,
+                                            device=normals.device), dim=0)
+        lit = shading.ambient + shading.diffuse * (-(normals @ light)).clamp(min=0.0)
+        colours = colours * lit[:, None]
+    return torch.cat([colours, normals], dim=1) if shading.normals else colours
+
+
+def _pair_normals(mesh: RenderMesh, R: torch.Tensor, pair_face: torch.Tensor,
+                  weights: torch.Tensor, smooth_normals: bool) -> torch.Tensor:
+    """(P, 3) camera-frame unit normals of pairs (see :func:`_pair_planes`): interpolated vertex
+    normals, or the faces' own."""
     n_faces = mesh.faces.shape[0]
-    face = pair_face % n_faces
-    albedo = torch.einsum('pk,pkc->pc', weights, mesh.colors[mesh.faces[face]])
-    if not shading.lambert:
-        return albedo
-    batch = pair_face // n_faces
+    face, batch = pair_face % n_faces, pair_face // n_faces
     if smooth_normals:
         normals = torch.einsum('pk,pkc->pc', weights, vertex_normals(mesh.vertices,
                                                                      mesh.faces)[mesh.faces[face]])
     else:
         normals = face_normals(mesh.vertices, mesh.faces)[face]
-    normals_cam = F.normalize(torch.einsum('pij,pj->pi', R[batch], normals), dim=-1)
-    light = F.normalize(torch.as_tensor(shading.light_direction, dtype=normals.dtype,
-                                        device=normals.device), dim=0)
-    lit = shading.ambient + shading.diffuse * (-(normals_cam @ light)).clamp(min=0.0)
-    return albedo * lit[:, None]
+    return F.normalize(torch.einsum('pij,pj->pi', R[batch], normals), dim=-1)
 
 
 def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -515,13 +522,23 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- compositing
 
+def _output(silhouette: torch.Tensor, planes: torch.Tensor, depth: torch.Tensor,
+            shape: tuple[int, int, int]) -> RenderOutput:
+    """A RenderOutput of shape (B, H, W) = ``shape`` from silhouette (B*H*W,), planes
+    (B*H*W, 3 or 6) (colour, then normals where asked for) and depth (B*H*W,)."""
+    planes = planes.view(*shape, -1)
+    return RenderOutput(silhouette=silhouette.view(shape), rgb=planes[..., :3],
+                        depth=depth.view(shape),
+                        normal=planes[..., 3:] if planes.shape[-1] > 3 else None)
+
+
 def _composite(pixel: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor,
-               colors: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft silhouette (n_pixels,) and premultiplied colour (n_pixels, 3) of pairs on pixels
-    pixel (P,) at depth (P,) with coverage logits (P,) and colours (P, 3), composited front to
-    back: pair j's weight is D_j * prod over nearer pairs k (1 - D_k)."""
+               planes: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft silhouette (n_pixels,) and premultiplied planes (n_pixels, C) of pairs on pixels
+    pixel (P,) at depth (P,) with coverage logits (P,) and planes (P, C) (colours, normals),
+    composited front to back: pair j's weight is D_j * prod over nearer pairs k (1 - D_k)."""
     order = _front_to_back(pixel, depth)
-    pixel, logits, colors = pixel[order], logits[order], colors[order]
+    pixel, logits, planes = pixel[order], logits[order], planes[order]
     log_transmit = F.logsigmoid(-logits)  # log(1 - D)
     # The running sum spans all pixels; float64 keeps its differences exact enough.
     running = torch.cumsum(log_transmit.double(), dim=0) - log_transmit
@@ -533,9 +550,9 @@ def _composite(pixel: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor,
     weights = torch.sigmoid(logits) * transmittance
     total_log_transmit = torch.zeros(n_pixels, dtype=logits.dtype, device=pixel.device)
     silhouette = 1.0 - torch.exp(total_log_transmit.index_add(0, pixel, log_transmit))
-    rgb = torch.zeros(n_pixels, 3, dtype=colors.dtype, device=pixel.device).index_add(
-        0, pixel, weights[:, None] * colors)
-    return silhouette, rgb
+    composited = planes.new_zeros(n_pixels, planes.shape[1]).index_add(
+        0, pixel, weights[:, None] * planes)
+    return silhouette, composited
 
 
 def _front_to_back(pixel: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
