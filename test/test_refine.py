@@ -238,6 +238,18 @@ def test_loss_config_rejects_an_unknown_colour_fit():
     assert not LossConfig().needs_normals
 
 
+def test_a_backend_without_normals_fits_a_colour_gain():
+    mesh = RenderMesh.from_model(load_demo_object(), CPU)
+    observation = make_observation(np.zeros((8, 8, 3)), np.ones((8, 8)), np.eye(3), device=CPU)
+    renderer = make_renderer('soft', CPU)
+    loss = LossConfig(colour_weight=0.3)
+    problem = Problem.create(renderer, mesh, observation, loss=loss)
+    assert problem.shading.normals and problem.loss.colour_fit == 'lighting'
+    renderer.renders_normals = False
+    problem = Problem.create(renderer, mesh, observation, loss=loss)
+    assert not problem.shading.normals and problem.loss.colour_fit == 'gain'
+
+
 def test_resized_observation_keeps_pixel_centres():
     K = np.array([[100.0, 0.0, 40.0], [0.0, 110.0, 30.0], [0.0, 0.0, 1.0]])
     image = np.zeros((64, 80, 3))

@@ -138,8 +138,8 @@ class LossConfig:
     """colour_weight: lambda of eq. 3 (0 = silhouette only, for untextured models).
     colour_fit: how the render's colours are fitted to the crop's before comparing
     (:func:`lit_colours`): 'lighting' (the default: per channel an ambient gain and a
-    directional term over the surface normal, which the renderer must supply), 'gain' (a
-    per-channel gain) or 'none'.
+    directional term over the surface normal; with a backend that renders no normals the
+    refiner fits 'gain' instead), 'gain' (a per-channel gain) or 'none'.
     selection_colour_factor: the refined hypotheses compete by eq. 3 with this many times
     ``colour_weight`` (:data:`SELECTION_COLOUR_FACTOR`)."""
 

@@ -69,7 +69,8 @@ class Problem:
     ``meshes[owner[b]]`` to compare with crop ``owner[b]`` of ``crops`` (N crops, at the
     working resolution; ``full``: at full resolution) under ``loss``; owner (B,) int64, or None
     when there is one mesh and crop for any number of hypotheses; ``shading`` of the colour
-    render (with normals where the loss fits a lighting model); ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
+    render (with normals where the loss fits a lighting model; with a backend that renders
+    none, the loss fits a colour gain instead); ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
     steps)."""
 
     renderer: Renderer
@@ -95,8 +96,10 @@ class Problem:
             owner = torch.as_tensor(owner, dtype=torch.long, device=device)
         radii = torch.tensor([float(mesh.vertices.norm(dim=1).max()) for mesh in meshes],
                              dtype=crops.mask.dtype, device=device)
-        if loss.needs_normals:
+        if loss.needs_normals and renderer.renders_normals:
             shading = replace(shading, normals=True)
+        elif loss.needs_normals:
+            loss = replace(loss, colour_fit='gain')
         return cls(renderer=renderer, meshes=meshes, crops=crops, owner=owner, loss=loss,
                    shading=shading, radii=radii, full=crops)
 

@@ -104,9 +104,11 @@ class RenderOutput:
 
 
 class Renderer(ABC):
-    """A differentiable renderer backend."""
+    """A differentiable renderer backend; ``renders_normals``: whether it honours
+    ``Shading.normals``."""
 
     name: str
+    renders_normals: bool = False
 
     @abstractmethod
     def render(self, mesh: RenderMesh, R: torch.Tensor, t: torch.Tensor, K: torch.Tensor,

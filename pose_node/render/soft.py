@@ -87,6 +87,7 @@ class SoftRenderer(Renderer):
     """
 
     name = 'soft'
+    renders_normals = True
 
     def __init__(self, device: torch.device, sigma: float = DEFAULT_SIGMA,
                  near: float = DEFAULT_NEAR, smooth_normals: bool = True):
