@@ -16,6 +16,7 @@ from pose_node.datasets.bop import BopDataset, bop_box_mask
 from pose_node.datasets.synth import OutputLayout, SynthConfig, SynthObject, generate_dataset
 from pose_node.geometry import make_pose
 from pose_node.render.raycast import RaycastScene
+from pose_node.refine import LossConfig
 from pose_node.resources import load_demo_object, share_dir
 from pose_node.tools import eval_lmo
 from pose_node.tools.cli import main
@@ -201,7 +202,7 @@ def test_a_synth_dataset_is_evaluated_under_the_objects_file_names(tmp_path):
     dataset = demo_synth_dataset(tmp_path, 2, seed=0, max_occluders=0)
     objects = eval_lmo.dataset_objects(dataset, share_dir() / 'config' / 'objects.yaml')
     assert objects.models[1].name == demo.name
-    assert objects.colour_weights == {demo.name: 0.3}
+    assert objects.losses == {demo.name: LossConfig(colour_weight=0.3)}
     # No models_eval/ in a synth dataset: the metrics use the mesh's own vertices.
     np.testing.assert_allclose(objects.points[1], demo.vertices, atol=1e-9)
     frames = list(dataset.frames())

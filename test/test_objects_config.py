@@ -55,6 +55,7 @@ objects:
     regressor: weights/a.pt
     frame_id: tag/a
     colour_weight: 0.25
+    colour_fit: gain
   - name: b
     mesh: {DEMO_MESH}
 """)
@@ -65,6 +66,8 @@ objects:
     assert (a.regressor, a.frame_id, a.unit_scale) == (tmp_path / 'weights/a.pt', 'tag/a', 1.0)
     assert (b.regressor, b.frame_id, b.models_info) == (None, 'b', None)
     assert (a.colour_weight, b.colour_weight) == (0.25, 0.0)
+    assert (a.loss.colour_weight, a.loss.colour_fit) == (0.25, 'gain')
+    assert (b.loss.colour_weight, b.loss.colour_fit) == (0.0, 'lighting')
 
 
 @pytest.mark.parametrize(('text', 'expected'), [
@@ -80,6 +83,7 @@ objects:
     ('objects: [{name: a, mesh: m.ply, models_info_id: one}]', 'field "models_info_id"'),
     ('objects: [{name: a, mesh: m.ply, colour_weight: -0.1}]', 'field "colour_weight"'),
     ('objects: [{name: a, mesh: m.ply, colour_weight: high}]', 'field "colour_weight"'),
+    ('objects: [{name: a, mesh: m.ply, colour_fit: shading}]', 'field "colour_fit": expected one'),
     ('objects: [{name: a, mesh: 3}]', "object 'a', field \"mesh\": expected a path"),
     ('objects: [{name: a, mesh: m.ply}]\nsegmenter: ""', 'segmenter: expected a path'),
     ('objects: [{name: a, mesh: "package://x/m.ply"}]', 'package://pose_node/'),

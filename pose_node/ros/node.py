@@ -34,7 +34,6 @@ from pose_node.camera import Camera, undistort_image, undistortion_maps
 from pose_node.objects_config import (ObjectsConfig, ObjectsConfigError, load_object_models,
                                       load_objects_config)
 from pose_node.pipeline import TRACKING_OVERRIDES, Pipeline, PipelineConfig
-from pose_node.refine import LossConfig
 from pose_node.render import make_renderer
 from pose_node.render.raycast import RaycastScene
 from pose_node.resources import share_dir
@@ -110,9 +109,8 @@ def build_pipeline(settings: NodeSettings, config: ObjectsConfig, models: list,
                                      hypotheses=settings.hypotheses,
                                      optimizer_overrides=iterations,
                                      tracking_overrides={**TRACKING_OVERRIDES, **iterations},
-                                     object_losses={obj.name: LossConfig(
-                                         colour_weight=obj.colour_weight)
-                                         for obj in config.objects})
+                                     object_losses={obj.name: obj.loss
+                                                    for obj in config.objects})
     return Pipeline(models, device, pipeline_config, segmenter=segmenter, coarse=coarse,
                     renderer=make_renderer(settings.backend, device))
 

@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +108,14 @@ def oracle_masks(frame: BopFrame, models: list[ObjectModel], shape: tuple[int, i
 @dataclass(frozen=True)
 class DatasetObjects:
     """The dataset's objects as the pipeline knows them. models and points: per BOP obj_id the
-    model (name, mesh, symmetries) and the (N, 3) metres points the metrics use; colour_weights
-    and regressors: per name what the objects file sets (absent: the defaults); segmenter: the
-    objects file's segmenter weights, or None."""
+    model (name, mesh, symmetries) and the (N, 3) metres points the metrics use; losses (the
+    refinement loss, whose colour weight the template match shares) and regressors: per name
+    what the objects file sets (absent: the defaults); segmenter: the objects file's segmenter
+    weights, or None."""
 
     models: dict[int, ObjectModel]
     points: dict[int, np.ndarray]
-    colour_weights: dict[str, float]
+    losses: dict[str, LossConfig]
     regressors: dict[str, Path]
     segmenter: Path | None
 
@@ -139,7 +140,7 @@ def dataset_objects(dataset: BopDataset, objects_file: Path | None) -> DatasetOb
     objects = config.objects if config is not None else ()
     return DatasetObjects(
         models=models, points=points,
-        colour_weights={obj.name: obj.colour_weight for obj in objects},
+        losses={obj.name: obj.loss for obj in objects},
         regressors={obj.name: obj.regressor for obj in objects if obj.regressor is not None},
         segmenter=config.segmenter if config is not None else None)
 
@@ -249,14 +250,14 @@ def make_coarse(args: argparse.Namespace, objects: DatasetObjects, device: torch
 
 
 def object_losses(args: argparse.Namespace, objects: DatasetObjects) -> dict[str, LossConfig]:
-    """Per object name its refinement loss, whose colour weight the template match shares:
-    --colour-weight for all when given, else the objects file's colour weights (objects it does
-    not set keep the loss default)."""
+    """Per object name its refinement loss, whose colour weight the template match shares: the
+    objects file's (objects it does not list keep the loss default), with --colour-weight for
+    all when given."""
     if args.colour_weight is not None:
-        return {m.name: LossConfig(colour_weight=args.colour_weight)
+        return {m.name: replace(objects.losses.get(m.name, LossConfig()),
+                                colour_weight=args.colour_weight)
                 for m in objects.models.values()}
-    return {name: LossConfig(colour_weight=weight)
-            for name, weight in objects.colour_weights.items()}
+    return dict(objects.losses)
 
 
 @dataclass
