@@ -220,8 +220,9 @@ def test_lighting_fit_explains_lambert_shading_that_a_gain_cannot():
     lit = renderer.render_hard(mesh, R, t, K, 80, 80, light)
     image = lit.rgb[0] * torch.tensor([1.1, 0.9, 0.8]) + (1.0 - lit.silhouette[0, ..., None]) * 0.5
     out = renderer.render_hard(mesh, R, t, K, 80, 80, Shading(normals=True))
+    observation = make_observation(image, torch.ones(80, 80), K, device=CPU)
     overlap = out.silhouette
-    errors = {fit: float((overlap[..., None] * (lit_colours(out, image[None], overlap, fit)
+    errors = {fit: float((overlap[..., None] * (lit_colours(out, observation, fit)
                                                  - out.silhouette[..., None] * image)).abs().sum()
                          / (3 * overlap.sum()))
               for fit in ('lighting', 'gain', 'none')}

@@ -223,11 +223,13 @@ def _unit_normals(out: RenderOutput) -> torch.Tensor:
     return out.normal / out.silhouette.detach().clamp(min=_EPSILON)[..., None]
 
 
-def lit_colours(out: RenderOutput, image: torch.Tensor, overlap: torch.Tensor,
-                colour_fit: str) -> torch.Tensor:
-    """(B, H, W, 3) the colours of render ``out`` fitted to ``image`` (N, H, W, 3) (N = 1 or B)
-    over pixel weights ``overlap`` (B, H, W) as ``colour_fit`` says (:class:`LossConfig`);
-    premultiplied by coverage. The fit carries no gradient; the colours do, through the render."""
+def lit_colours(out: RenderOutput, observation: Observation, colour_fit: str) -> torch.Tensor:
+    """(B, H, W, 3) the colours of render ``out`` fitted to the crops' as ``colour_fit`` says
+    (:class:`LossConfig`), over the pixels both cover (observed mask times rendered coverage,
+    ignored pixels left out); premultiplied by coverage. The fit carries no gradient; the
+    colours do, through the render."""
+    image = observation.image
+    overlap = observation.weight * observation.mask * out.silhouette.detach()
     if colour_fit == 'none':
         return out.rgb
     if colour_fit == 'gain':
@@ -252,7 +254,7 @@ def colour_residual(out: RenderOutput, observation: Observation,
     occlusion-aware)."""
     silhouette = out.silhouette
     overlap = (observation.weight * observation.mask).expand_as(silhouette)
-    rgb = lit_colours(out, observation.image, overlap * silhouette.detach(), colour_fit)
+    rgb = lit_colours(out, observation, colour_fit)
     return rgb - silhouette[..., None] * observation.image, overlap
 
 

@@ -70,8 +70,8 @@ class Problem:
     working resolution; ``full``: at full resolution) under ``loss``; owner (B,) int64, or None
     when there is one mesh and crop for any number of hypotheses; ``shading`` of the colour
     render (with normals where the loss fits a lighting model; with a backend that renders
-    none, the loss fits a colour gain instead); ``radii`` (N,) metres: each mesh's radius about its origin (the unit of lateral
-    steps)."""
+    none, the loss fits a colour gain instead); ``radii`` (N,) metres: each mesh's radius about
+    its origin (the unit of lateral steps)."""
 
     renderer: Renderer
     meshes: tuple[RenderMesh, ...]
@@ -523,7 +523,7 @@ def residuals(problem: Problem, level: Level, R: torch.Tensor, t: torch.Tensor) 
                                                              level.blur)]
     colour_scale = lit = None
     if problem.loss.colour_weight > 0:
-        lit = _lit_render(out, observation, problem.loss)
+        lit = lit_colours(out, observation, problem.loss.colour_fit).permute(0, 3, 1, 2)
         residual, colour_scale = _colour_residuals(out, lit, observation, level, problem.loss)
         parts.append(residual)
     residual = torch.cat([part.reshape(R.shape[0], -1) for part in parts], dim=1)
@@ -567,19 +567,12 @@ def _silhouette_scale(observation: Observation) -> torch.Tensor:
     return weight / size.clamp(min=1.0).sqrt()
 
 
-def _lit_render(out: RenderOutput, observation: Observation, loss: LossConfig) -> torch.Tensor:
-    """(B, 3, H, W) the render's colours under the lighting fitted to the observation
-    (:func:`lit_colours`)."""
-    overlap = observation.weight * observation.mask * out.silhouette
-    return lit_colours(out, observation.image, overlap, loss.colour_fit).permute(0, 3, 1, 2)
-
-
 def _colour_residuals(out: RenderOutput, lit: torch.Tensor, observation: Observation,
                       level: Level, loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour residuals (B, 3, H, W) and their scales (B, 3, H, W): blurred ``lit -
-    silhouette * image`` (``lit``: :func:`_lit_render` of ``out``) over the observed mask,
-    reweighted so that their squares sum to about
-    the ``colour_weight``-weighted mean absolute error (iteratively reweighted least squares)."""
+    """Colour residuals (B, 3, H, W) and their scales (B, 3, H, W): blurred ``lit - silhouette *
+    image`` (``lit`` (B, 3, H, W): :func:`lit_colours` of ``out``) over the observed mask,
+    reweighted so that their squares sum to about the ``colour_weight``-weighted mean absolute
+    error (iteratively reweighted least squares)."""
     silhouette = out.silhouette
     overlap = observation.weight * observation.mask                                # (N, H, W)
     image = observation.image.permute(0, 3, 1, 2)                                  # (N, 3, H, W)
